@@ -1,0 +1,95 @@
+"""Reading settings from the environment, with the embedded defaults in one place."""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("CHAINSAGA_VAR_DIR", BASE_DIR / "var"))
+
+SQLITE_OPTIONS = {
+    # WAL lets the web process read while a worker writes; IMMEDIATE takes the write lock at
+    # BEGIN so two writers queue on the busy timeout instead of deadlocking on lock upgrade.
+    "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    "transaction_mode": "IMMEDIATE",
+    "timeout": 30,
+}
+
+
+def env_str(name: str, default: str | None = None) -> str:
+    value = os.environ.get(name, default)
+    if value is None:
+        raise ImproperlyConfigured(f"environment variable {name} is required")
+    return value
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    if value.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if value.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"environment variable {name}={value!r} is not a boolean")
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"environment variable {name}={value!r} is not a number") from None
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def database(url: str | None, *, sqlite_file: Path) -> dict:
+    """A Django DATABASES entry from a URL, or the embedded SQLite file when url is empty."""
+    if not url:
+        url = f"sqlite:///{sqlite_file}"
+    config = dj_database_url.parse(url, conn_max_age=0 if url.startswith("sqlite") else 60)
+    if config["ENGINE"] == "django.db.backends.sqlite3":
+        config["OPTIONS"] = dict(SQLITE_OPTIONS)
+    return config
+
+
+def broker_url(url: str | None, *, sqlite_file: Path) -> str:
+    """The Celery broker URL, or Celery's SQLAlchemy transport on a SQLite file when empty."""
+    return url or f"sqla+sqlite:///{sqlite_file}"
+
+
+def is_sqlalchemy_broker(url: str) -> bool:
+    return url.startswith(("sqla+", "sqlalchemy+"))
+
+
+def broker_transport(url: str) -> str | None:
+    """Our faster-polling subclass for the embedded SQLAlchemy broker; the URL's own otherwise."""
+    return "config.broker:Transport" if is_sqlalchemy_broker(url) else None
+
+
+def broker_transport_options(url: str, *, visibility_timeout: int) -> dict:
+    # The SQLAlchemy transport passes its options to create_engine and has no visibility
+    # timeout: a message taken by a worker that dies is recovered by the saga sweeper.
+    if is_sqlalchemy_broker(url):
+        return {}
+    return {"visibility_timeout": visibility_timeout}

@@ -1,0 +1,132 @@
+"""Settings shared by every environment. Every knob comes from the environment."""
+
+from datetime import timedelta
+
+from config.env import (
+    BASE_DIR,
+    VAR_DIR,
+    broker_transport,
+    broker_transport_options,
+    broker_url,
+    database,
+    env_bool,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+)
+
+SECRET_KEY = env_str("SECRET_KEY", "insecure-local-development-key-change-me-0123456789")
+DEBUG = env_bool("DEBUG", False)
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "sagas",
+    "inventory",
+    "payments",
+    "orders",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = "config.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+DATABASES = {"default": database(env_str("DATABASE_URL", ""), sqlite_file=VAR_DIR / "chainsaga.sqlite3")}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = env_str("STATIC_ROOT", str(VAR_DIR / "static"))
+
+REDIS_URL = env_str("REDIS_URL", "")
+
+# --- Celery -----------------------------------------------------------------------------------
+CELERY_BROKER_URL = broker_url(env_str("CELERY_BROKER_URL", ""), sqlite_file=VAR_DIR / "broker.sqlite3")
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_IGNORE_RESULT = True  # the saga log is the record; no result backend is needed
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_TASK_DEFAULT_QUEUE", "chainsaga")
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_TIMEZONE = "UTC"
+# Redis (and SQS) redeliver an unacknowledged message after this many seconds. It must exceed
+# any step's timeout plus its largest retry delay, or a slow step would be delivered twice while
+# still running; sagas.definition refuses a step that breaks this.
+SAGAS_VISIBILITY_TIMEOUT = env_int("SAGAS_VISIBILITY_TIMEOUT", 3600)
+CELERY_BROKER_TRANSPORT_OPTIONS = broker_transport_options(CELERY_BROKER_URL, visibility_timeout=SAGAS_VISIBILITY_TIMEOUT)
+CELERY_BROKER_TRANSPORT = broker_transport(CELERY_BROKER_URL)
+
+SAGAS_SWEEP_INTERVAL = env_float("SAGAS_SWEEP_INTERVAL", 10.0)
+CELERY_BEAT_SCHEDULE = {
+    "sagas-sweep": {
+        "task": "sagas.sweep",
+        "schedule": timedelta(seconds=SAGAS_SWEEP_INTERVAL),
+        "options": {"expires": SAGAS_SWEEP_INTERVAL * 2},
+    },
+}
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+
+# --- Saga engine ------------------------------------------------------------------------------
+# Fault injection lets tests and demos make a named step fail; it costs one query per step.
+SAGAS_FAULT_INJECTION = env_bool("SAGAS_FAULT_INJECTION", False)
+# How long past a step's timeout the sweeper waits before re-driving a saga that made no progress.
+SAGAS_STUCK_GRACE = env_float("SAGAS_STUCK_GRACE", 5.0)
+SAGAS_SWEEP_BATCH = env_int("SAGAS_SWEEP_BATCH", 200)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(processName)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+    },
+}

@@ -1,0 +1,124 @@
+"""The saga log: the source of truth for what a saga did and what must be undone."""
+
+import uuid
+
+from django.db import models
+from django.db.models import Q
+
+
+class SagaState(models.TextChoices):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    COMPENSATING = "COMPENSATING"
+    COMPENSATED = "COMPENSATED"
+    FAILED = "FAILED"  # a compensation exhausted its budget: needs attention
+
+
+ACTIVE_STATES = (SagaState.PENDING, SagaState.RUNNING, SagaState.COMPENSATING)
+TERMINAL_STATES = (SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.FAILED)
+
+
+class StepState(models.TextChoices):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    RETRYING = "RETRYING"  # a try failed transiently; the next one is scheduled
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+class Direction(models.TextChoices):
+    FORWARD = "forward"
+    COMPENSATE = "compensate"
+
+
+class SagaInstance(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=100)
+    version = models.PositiveIntegerField()
+    state = models.CharField(max_length=16, choices=SagaState.choices, default=SagaState.PENDING)
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    input = models.JSONField(default=dict, blank=True)
+    failure_reason = models.TextField(blank=True)
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+    deadline_at = models.DateTimeField(null=True, blank=True)
+    # The sweeper re-drives an active saga whose stuck_after has passed with no progress.
+    stuck_after = models.DateTimeField(null=True, blank=True)
+    redrives = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["name", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="saga_unique_idempotency_key",
+            ),
+            models.CheckConstraint(condition=Q(state__in=SagaState.values), name="saga_state_valid"),
+        ]
+        indexes = [
+            models.Index(fields=["state", "stuck_after"], name="saga_stuck_idx"),
+            models.Index(fields=["state", "deadline_at"], name="saga_deadline_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.id} ({self.state})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class StepExecution(models.Model):
+    """One row per step and direction of a saga: what happened to it, how often, and why."""
+
+    saga = models.ForeignKey(SagaInstance, on_delete=models.CASCADE, related_name="steps")
+    name = models.CharField(max_length=100)
+    position = models.PositiveIntegerField()
+    direction = models.CharField(max_length=10, choices=Direction.choices)
+    state = models.CharField(max_length=10, choices=StepState.choices, default=StepState.PENDING)
+    attempts = models.PositiveIntegerField(default=0)  # tries that reached an outcome
+    deliveries = models.PositiveIntegerField(default=0)  # messages that started running
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    result = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["saga", "direction", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["saga", "name", "direction"], name="step_unique_per_direction"),
+            models.CheckConstraint(condition=Q(state__in=StepState.values), name="step_state_valid"),
+            models.CheckConstraint(condition=Q(attempts__lte=models.F("deliveries")), name="step_attempts_le_deliveries"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.direction} ({self.state})"
+
+
+class FaultKind(models.TextChoices):
+    BUSINESS = "business"  # the action raises a BusinessError: no retry, compensate
+    TRANSIENT = "transient"  # the action raises a TransientError: retried per policy
+    CRASH = "crash"  # the worker process is SIGKILLed mid-step, before the step commits
+    CRASH_AFTER_COMMIT = "crash_after_commit"  # SIGKILL after the step committed, before the ack
+    DUPLICATE = "duplicate"  # the step's message is published a second time
+
+
+class Fault(models.Model):
+    """A fault to inject into a named step (tests and demos; see sagas.testing.inject_fault)."""
+
+    saga_name = models.CharField(max_length=100)
+    step = models.CharField(max_length=100)
+    direction = models.CharField(max_length=10, choices=Direction.choices, default=Direction.FORWARD)
+    kind = models.CharField(max_length=20, choices=FaultKind.choices)
+    remaining = models.PositiveIntegerField(null=True, blank=True, help_text="empty: every time")
+    saga = models.ForeignKey(SagaInstance, null=True, blank=True, on_delete=models.CASCADE)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} in {self.saga_name}.{self.step} ({self.direction})"

@@ -1,0 +1,262 @@
+"""Running one step (or compensation) of a saga, and handling its final failure.
+
+A step runs in two transactions:
+  1. record the delivery (committed before any work, so a worker killed mid-step leaves a count
+     behind; too many deliveries that never finished fail the step instead of looping);
+  2. under the saga and step row locks: skip if the log says COMPLETED, else run the action in a
+     savepoint and record its outcome. The action's writes and the COMPLETED mark commit together.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import signal
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import transaction
+from django.utils import timezone
+
+from sagas.definition import FORWARD, Saga, Step, StepContext, get_definition
+from sagas.exceptions import SagaNotFound, StepFailedEarlier, WorkerLostTooOften
+from sagas.faults import InjectedBusinessError, InjectedTransientError, fault_take
+from sagas.locks import lock_saga, lock_step
+from sagas.log import transition
+from sagas.models import FaultKind, SagaInstance, SagaState, StepExecution, StepState
+from sagas.services import (
+    RUNS_FORWARD,
+    saga_advance,
+    saga_begin_compensation,
+    saga_finish_compensation_if_done,
+    saga_touch,
+)
+
+log = logging.getLogger("sagas")
+
+
+class Outcome(enum.Enum):
+    DONE = "done"  # completed now or earlier: the saga moves on
+    RETRY = "retry"  # a transient failure; try again after `countdown`
+    FAILED = "failed"  # final failure: raise `error` so the errback runs
+    STALE = "stale"  # the saga no longer runs this direction: drop the message
+
+
+@dataclass(frozen=True)
+class StepResult:
+    outcome: Outcome
+    countdown: float = 0.0
+    error: BaseException | None = None
+
+
+def step_run(
+    *,
+    saga_id: UUID | str,
+    step_name: str,
+    direction: str,
+    republish: Callable[[], None],
+    now: Callable[[], datetime] = timezone.now,
+) -> StepResult:
+    """Run one delivery of a step or compensation. Never raises the action's exception: the
+    outcome says what the task must do."""
+    try:
+        saga = SagaInstance.objects.get(pk=saga_id)
+    except SagaInstance.DoesNotExist:
+        raise SagaNotFound(f"saga {saga_id} does not exist") from None
+    definition = get_definition(saga.name, saga.version)
+    step = definition.step(step_name)
+    fault = fault_take(saga=saga, step=step_name, direction=direction)
+    if fault == FaultKind.DUPLICATE:
+        republish()
+
+    early = _record_delivery(saga_id, definition, step, direction, now=now())
+    if early is not None:
+        return early
+    if fault == FaultKind.CRASH:
+        _die(saga_id, step_name, "before commit")
+    result = _execute(saga_id, definition, step, direction, fault=fault, now=now())
+    if fault == FaultKind.CRASH_AFTER_COMMIT and result.outcome == Outcome.DONE:
+        _die(saga_id, step_name, "after commit")
+    return result
+
+
+def step_failure_handle(*, saga_id: UUID | str, step_name: str, direction: str, failed_task_id: str) -> None:
+    """The errback: a step's task failed for good. Decide from the saga log what follows."""
+    now = timezone.now()
+    with transaction.atomic():
+        saga = lock_saga(saga_id)
+        definition = get_definition(saga.name, saga.version)
+        execution = lock_step(saga, step_name, direction)
+        if execution.state == StepState.COMPLETED:
+            # The step committed and its task failed afterwards (e.g. the hard time limit hit right
+            # after the commit): the log says it is done, so the saga moves on.
+            saga_advance(saga, definition, now=now)
+            return
+        if execution.state != StepState.FAILED:
+            _mark(
+                saga,
+                execution,
+                StepState.FAILED,
+                now=now,
+                error=execution.last_error
+                or f"task {failed_task_id} failed without recording an outcome (time limit or crash)",
+            )
+            execution.save()
+        if direction == FORWARD:
+            if saga.state in RUNS_FORWARD:
+                reason = f"step {step_name} failed: {execution.last_error}"
+                saga_begin_compensation(saga, definition, reason=reason, now=now)
+            elif saga.state == SagaState.COMPENSATING:
+                saga_advance(saga, definition, now=now)  # a redelivered errback: re-send, harmless
+            return
+        if saga.state != SagaState.COMPENSATING:
+            return
+        if definition.compensate_in_parallel:
+            saga_finish_compensation_if_done(saga, now=now)
+        else:
+            saga_advance(saga, definition, now=now)
+
+
+def _runs(saga: SagaInstance, direction: str) -> bool:
+    return saga.state in RUNS_FORWARD if direction == FORWARD else saga.state == SagaState.COMPENSATING
+
+
+def _record_delivery(saga_id, definition: Saga, step: Step, direction: str, *, now: datetime) -> StepResult | None:
+    """Transaction 1. Returns an early result, or None to go on and run the step."""
+    failure: BaseException | None = None
+    with transaction.atomic():
+        saga = lock_saga(saga_id)
+        if not _runs(saga, direction):
+            log.info("saga_stale_message saga=%s step=%s direction=%s state=%s", saga.id, step.name, direction, saga.state)
+            return StepResult(Outcome.STALE)
+        execution = lock_step(saga, step.name, direction)
+        if execution.state == StepState.COMPLETED:
+            log.info("saga_step_redelivered saga=%s step=%s direction=%s: already completed", saga.id, step.name, direction)
+            return StepResult(Outcome.DONE)
+        if execution.state == StepState.FAILED:
+            return StepResult(Outcome.FAILED, error=StepFailedEarlier(execution.last_error))
+        unfinished = execution.deliveries - execution.attempts
+        execution.deliveries += 1
+        if unfinished >= step.max_deliveries:
+            failure = WorkerLostTooOften(
+                f"delivered {execution.deliveries} times; {unfinished} deliveries never finished (worker lost)"
+            )
+            _mark(saga, execution, StepState.FAILED, now=now, error=str(failure))
+        else:
+            if unfinished:
+                log.warning(
+                    "saga_step_lost_delivery saga=%s step=%s direction=%s unfinished=%s",
+                    saga.id, step.name, direction, unfinished,
+                )
+            _mark(saga, execution, StepState.RUNNING, now=now)
+            if direction == FORWARD and saga.state == SagaState.PENDING:
+                old, saga.state = saga.state, SagaState.RUNNING
+                transition(saga, old, saga.state)
+            saga_touch(saga, now=now, expect_within=step.timeout)
+            saga.save(update_fields=["state", "updated_at", "stuck_after"])
+        execution.save()
+    return StepResult(Outcome.FAILED, error=failure) if failure else None
+
+
+def _execute(saga_id, definition: Saga, step: Step, direction: str, *, fault: str | None, now: datetime) -> StepResult:
+    """Transaction 2: run the action and record its outcome, or find it already done."""
+    with transaction.atomic():
+        saga = lock_saga(saga_id)
+        if not _runs(saga, direction):
+            return StepResult(Outcome.STALE)
+        execution = lock_step(saga, step.name, direction)
+        if execution.state == StepState.COMPLETED:
+            return StepResult(Outcome.DONE)  # a concurrent delivery finished it while we waited
+        if execution.state == StepState.FAILED:
+            return StepResult(Outcome.FAILED, error=StepFailedEarlier(execution.last_error))
+        context = StepContext(
+            saga_id=saga.id,
+            saga_name=saga.name,
+            step=step.name,
+            direction=direction,
+            input=saga.input,
+            results=_results(saga),
+            attempt=execution.attempts + 1,
+            now=now,
+        )
+        function = step.function(direction)
+        error: BaseException | None = None
+        try:
+            with transaction.atomic():  # a failed action leaves none of its writes behind
+                if fault == FaultKind.BUSINESS:
+                    raise InjectedBusinessError(f"injected business failure in {step.name}")
+                if fault == FaultKind.TRANSIENT:
+                    raise InjectedTransientError(f"injected transient failure in {step.name}")
+                value = function(context) if function else None
+                value = json.loads(json.dumps(value, cls=DjangoJSONEncoder))
+        except Exception as exc:  # noqa: BLE001 - the boundary around user code: recorded below
+            error = exc
+        execution.attempts += 1
+        if error is None:
+            execution.result = value
+            _mark(saga, execution, StepState.COMPLETED, now=now)
+            execution.save()
+            _after_completion(saga, definition, step, direction, now=now)
+            return StepResult(Outcome.DONE)
+        policy = step.policy(direction)
+        detail = _describe(error)
+        if policy.is_retryable(error) and execution.attempts < policy.max_attempts:
+            countdown = policy.delay(execution.attempts)
+            _mark(saga, execution, StepState.RETRYING, now=now, error=detail, detail=f"retry in {countdown:.2f}s")
+            execution.save()
+            saga_touch(saga, now=now, expect_within=countdown + step.timeout)
+            saga.save(update_fields=["updated_at", "stuck_after"])
+            return StepResult(Outcome.RETRY, countdown=countdown, error=error)
+        _mark(saga, execution, StepState.FAILED, now=now, error=detail)
+        execution.save()
+        return StepResult(Outcome.FAILED, error=error)
+
+
+def _after_completion(saga: SagaInstance, definition: Saga, step: Step, direction: str, *, now: datetime) -> None:
+    if direction == FORWARD:
+        position = definition.position(step.name)
+        if position == len(definition.steps) - 1:
+            old, saga.state, saga.finished_at, saga.stuck_after = saga.state, SagaState.COMPLETED, now, None
+            saga.updated_at = now
+            transition(saga, old, saga.state)
+        else:
+            saga_touch(saga, now=now, expect_within=definition.steps[position + 1].timeout)
+        saga.save(update_fields=["state", "finished_at", "stuck_after", "updated_at"])
+    else:
+        saga_touch(saga, now=now, expect_within=step.timeout)
+        saga.save(update_fields=["updated_at", "stuck_after"])
+        saga_finish_compensation_if_done(saga, now=now)
+
+
+def _mark(saga: SagaInstance, execution: StepExecution, state: str, *, now: datetime, error: str = "", detail: str = "") -> None:
+    old, execution.state = execution.state, state
+    if state == StepState.RUNNING and execution.started_at is None:
+        execution.started_at = now
+    if state in (StepState.COMPLETED, StepState.FAILED):
+        execution.finished_at = now
+    if error:
+        execution.last_error = error[:4000]
+    transition(saga, old, state, step=execution.name, direction=execution.direction, detail=detail or error)
+
+
+def _results(saga: SagaInstance) -> dict:
+    return dict(
+        StepExecution.objects.filter(saga=saga, direction=FORWARD, state=StepState.COMPLETED).values_list("name", "result")
+    )
+
+
+def _describe(error: BaseException) -> str:
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(error).__name__}: {error}{where}"
+
+
+def _die(saga_id, step_name: str, when: str) -> None:
+    log.warning("saga_fault_crash saga=%s step=%s killing worker process %s %s", saga_id, step_name, os.getpid(), when)
+    os.kill(os.getpid(), signal.SIGKILL)

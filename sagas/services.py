@@ -1,0 +1,274 @@
+"""The saga engine's Python API and its saga-level decisions.
+
+Public: `saga_start`, `saga_abort`, `saga_retry_compensation`, `saga_sweep`. Everything decides
+from the saga log under the saga row lock and sends messages only after the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from sagas import dispatch
+from sagas.definition import COMPENSATE, FORWARD, Saga, get_definition
+from sagas.exceptions import SagaError, SagaStateConflict
+from sagas.locks import lock_saga, lock_steps
+from sagas.log import transition
+from sagas.models import SagaInstance, SagaState, StepExecution, StepState
+
+log = logging.getLogger("sagas")
+
+RUNS_FORWARD = (SagaState.PENDING, SagaState.RUNNING)
+UNFINISHED_STEP = (StepState.PENDING, StepState.RUNNING, StepState.RETRYING)
+
+
+class InvalidSagaInput(SagaError):
+    """The saga input is not a JSON object."""
+
+
+def saga_start(
+    *,
+    definition: Saga,
+    input: Mapping[str, Any],
+    idempotency_key: str | None = None,
+    now: datetime | None = None,
+) -> SagaInstance:
+    """Record a new saga and send its first step once the surrounding transaction commits.
+
+    Call it inside the transaction that writes the business rows the saga starts from. Starting
+    twice with the same idempotency key returns the first saga. Raises InvalidSagaInput.
+    """
+    now = now or timezone.now()
+    payload = _json_object(input)
+    with transaction.atomic():
+        if idempotency_key is not None:
+            existing = SagaInstance.objects.filter(name=definition.name, idempotency_key=idempotency_key).first()
+            if existing is not None:
+                return existing
+        try:
+            with transaction.atomic():
+                saga = SagaInstance.objects.create(
+                    name=definition.name,
+                    version=definition.version,
+                    idempotency_key=idempotency_key,
+                    input=payload,
+                    created_at=now,
+                    updated_at=now,
+                    deadline_at=now + definition.deadline if definition.deadline else None,
+                    stuck_after=_stuck_after(now, definition.steps[0].timeout),
+                )
+        except IntegrityError:
+            # A concurrent start with the same key committed first.
+            return SagaInstance.objects.get(name=definition.name, idempotency_key=idempotency_key)
+        StepExecution.objects.bulk_create(
+            StepExecution(saga=saga, name=step.name, position=position, direction=FORWARD)
+            for position, step in enumerate(definition.steps)
+        )
+        transition(saga, "-", SagaState.PENDING, detail=f"idempotency_key={idempotency_key}")
+        transaction.on_commit(lambda: dispatch.send_forward(saga.id, definition, from_position=0))
+    return saga
+
+
+def saga_abort(*, saga_id: UUID | str, reason: str = "aborted by operator", now: datetime | None = None) -> SagaInstance:
+    """Stop a running saga and compensate what it completed. Waits for a step that is running
+    right now to finish first. Aborting a saga that is already compensating or done compensating
+    returns it unchanged. Raises SagaNotFound, SagaStateConflict (the saga COMPLETED)."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        saga = lock_saga(saga_id)
+        if saga.state == SagaState.COMPLETED:
+            raise SagaStateConflict(f"saga {saga.id} is COMPLETED; there is nothing to abort")
+        if saga.state in RUNS_FORWARD:
+            saga_begin_compensation(saga, _definition(saga), reason=reason, now=now)
+    return saga
+
+
+def saga_retry_compensation(*, saga_id: UUID | str, now: datetime | None = None) -> SagaInstance:
+    """Give a FAILED saga's failed compensations a fresh retry budget and run them again.
+    Raises SagaNotFound, SagaStateConflict (the saga is not FAILED)."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        saga = lock_saga(saga_id)
+        if saga.state != SagaState.FAILED:
+            raise SagaStateConflict(f"saga {saga.id} is {saga.state}; only a FAILED saga's compensation can be retried")
+        definition = _definition(saga)
+        for execution in lock_steps(saga, COMPENSATE):
+            if execution.state == StepState.FAILED:
+                execution.state = StepState.PENDING
+                execution.attempts = execution.deliveries = 0
+                execution.finished_at = None
+                execution.save(update_fields=["state", "attempts", "deliveries", "finished_at"])
+                transition(saga, StepState.FAILED, StepState.PENDING, step=execution.name, direction=COMPENSATE, detail="retry")
+        _set_state(saga, SagaState.COMPENSATING, now=now, detail="operator retry")
+        saga.finished_at = None
+        saga.save()
+        saga_advance(saga, definition, now=now)
+    return saga
+
+
+def saga_sweep(*, now: datetime | None = None, limit: int | None = None) -> dict[str, int]:
+    """Compensate sagas past their deadline and re-drive sagas that made no progress within their
+    step timeout (their message was lost). Safe to run from several beats at once: each saga is
+    claimed with SKIP LOCKED and its next check pushed back. Returns counts."""
+    now = now or timezone.now()
+    limit = limit or settings.SAGAS_SWEEP_BATCH
+    overdue = redriven = 0
+    with transaction.atomic():
+        for saga in (
+            SagaInstance.objects.select_for_update(skip_locked=True)
+            .filter(state__in=RUNS_FORWARD, deadline_at__lt=now)
+            .order_by("deadline_at")[:limit]
+        ):
+            saga_begin_compensation(saga, _definition(saga), reason="deadline exceeded", now=now)
+            overdue += 1
+    with transaction.atomic():
+        for saga in (
+            SagaInstance.objects.select_for_update(skip_locked=True)
+            .filter(state__in=(*RUNS_FORWARD, SagaState.COMPENSATING), stuck_after__lt=now)
+            .order_by("stuck_after")[:limit]
+        ):
+            definition = _definition(saga)
+            saga.redrives += 1
+            # Back off per saga so a long queue backlog is not answered with ever more messages.
+            backoff = min(600.0, max(s.timeout for s in definition.steps) * 2 ** min(saga.redrives, 6))
+            saga.stuck_after = now + timedelta(seconds=backoff)
+            saga.save(update_fields=["redrives", "stuck_after"])
+            log.warning("saga_redrive saga=%s name=%s state=%s redrives=%s", saga.id, saga.name, saga.state, saga.redrives)
+            saga_advance(saga, definition, now=now)
+            redriven += 1
+    return {"overdue": overdue, "redriven": redriven}
+
+
+# --- decisions shared by the runner, the errback, the sweeper and the operator actions ----------
+
+
+def saga_advance(saga: SagaInstance, definition: Saga, *, now: datetime) -> None:
+    """Send whatever the saga log says comes next. The caller holds the saga row lock.
+
+    Re-sending work that is already in flight is harmless (every step is idempotent), so this
+    also serves to re-drive a saga whose messages were lost."""
+    if saga.state in RUNS_FORWARD:
+        forward = lock_steps(saga, FORWARD)
+        failed = next((e for e in forward if e.state == StepState.FAILED), None)
+        if failed is not None:
+            saga_begin_compensation(saga, definition, reason=f"step {failed.name} failed: {failed.last_error}", now=now)
+            return
+        pending = sorted((e for e in forward if e.state != StepState.COMPLETED), key=lambda e: e.position)
+        if not pending:
+            _finish(saga, SagaState.COMPLETED, now=now)
+            return
+        position = pending[0].position
+        transaction.on_commit(lambda: dispatch.send_forward(saga.id, definition, from_position=position))
+    elif saga.state == SagaState.COMPENSATING:
+        compensations = _newest_first(lock_steps(saga, COMPENSATE))
+        failed = [e for e in compensations if e.state == StepState.FAILED]
+        if failed and not _continues_past_failure(definition):
+            _finish(saga, SagaState.FAILED, now=now, reason=_compensation_failure(failed))
+            return
+        remaining = [e.name for e in compensations if e.state in UNFINISHED_STEP]
+        if not remaining:
+            saga_finish_compensation_if_done(saga, now=now)
+            return
+        transaction.on_commit(lambda: dispatch.send_compensations(saga.id, definition, remaining, direction=COMPENSATE))
+
+
+def saga_begin_compensation(saga: SagaInstance, definition: Saga, *, reason: str, now: datetime) -> None:
+    """Switch a running saga to COMPENSATING and send the compensations of the steps the saga log
+    shows COMPLETED, newest first. The caller holds the saga row lock."""
+    forward = lock_steps(saga, FORWARD)
+    completed = sorted(
+        (e for e in forward if e.state == StepState.COMPLETED and definition.step(e.name).compensation),
+        key=lambda e: e.position,
+        reverse=True,
+    )
+    for execution in forward:
+        if execution.state in (StepState.RUNNING, StepState.RETRYING):
+            # Its pending message will find the saga compensating and be dropped.
+            execution.state = StepState.FAILED
+            execution.last_error = execution.last_error or f"abandoned: {reason}"
+            execution.finished_at = now
+            execution.save(update_fields=["state", "last_error", "finished_at"])
+    existing = {e.name for e in lock_steps(saga, COMPENSATE)}
+    StepExecution.objects.bulk_create(
+        StepExecution(saga=saga, name=e.name, position=e.position, direction=COMPENSATE)
+        for e in completed
+        if e.name not in existing
+    )
+    saga.failure_reason = reason[:2000]
+    _set_state(saga, SagaState.COMPENSATING, now=now, detail=reason)
+    saga.stuck_after = _stuck_after(now, max((definition.step(e.name).timeout for e in completed), default=1.0))
+    saga.save()
+    saga_advance(saga, definition, now=now)
+
+
+def saga_finish_compensation_if_done(saga: SagaInstance, *, now: datetime) -> None:
+    """COMPENSATED once every compensation completed; FAILED once every one is finished and any
+    failed. The caller holds the saga row lock."""
+    compensations = lock_steps(saga, COMPENSATE)
+    if any(e.state in UNFINISHED_STEP for e in compensations):
+        return
+    failed = [e for e in compensations if e.state == StepState.FAILED]
+    if failed:
+        _finish(saga, SagaState.FAILED, now=now, reason=_compensation_failure(failed))
+    else:
+        _finish(saga, SagaState.COMPENSATED, now=now)
+
+
+def saga_touch(saga: SagaInstance, *, now: datetime, expect_within: float) -> None:
+    """Record progress: the sweeper leaves the saga alone for `expect_within` seconds (+ grace)."""
+    saga.updated_at = now
+    saga.stuck_after = _stuck_after(now, expect_within)
+
+
+def _finish(saga: SagaInstance, state: str, *, now: datetime, reason: str = "") -> None:
+    if reason:
+        saga.failure_reason = reason[:2000]
+    _set_state(saga, state, now=now, detail=reason)
+    saga.finished_at = now
+    saga.stuck_after = None
+    saga.save()
+
+
+def _set_state(saga: SagaInstance, state: str, *, now: datetime, detail: str = "") -> None:
+    old, saga.state, saga.updated_at = saga.state, state, now
+    if old != state:
+        transition(saga, old, state, detail=detail)
+
+
+def _stuck_after(now: datetime, seconds: float) -> datetime:
+    return now + timedelta(seconds=seconds + settings.SAGAS_STUCK_GRACE)
+
+
+def _newest_first(executions: list[StepExecution]) -> list[StepExecution]:
+    return sorted(executions, key=lambda e: e.position, reverse=True)
+
+
+def _continues_past_failure(definition: Saga) -> bool:
+    # Parallel compensations are already in flight together; one failing does not stop the rest.
+    return definition.continue_on_compensation_failure or definition.compensate_in_parallel
+
+
+def _compensation_failure(failed: list[StepExecution]) -> str:
+    return "; ".join(f"compensation {e.name} failed: {e.last_error}" for e in failed)
+
+
+def _definition(saga: SagaInstance) -> Saga:
+    return get_definition(saga.name, saga.version)
+
+
+def _json_object(value: Mapping[str, Any]) -> dict:
+    if not isinstance(value, Mapping):
+        raise InvalidSagaInput("saga input must be a mapping")
+    try:
+        return json.loads(json.dumps(value, cls=DjangoJSONEncoder))
+    except (TypeError, ValueError) as exc:
+        raise InvalidSagaInput(f"saga input is not JSON-serializable: {exc}") from None

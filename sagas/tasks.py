@@ -1,0 +1,60 @@
+"""The engine's Celery tasks. Each takes ids, makes one call into the engine, and translates the
+outcome into what Celery should do with the message."""
+
+import logging
+
+from celery import shared_task
+from celery.exceptions import Ignore
+from django.db import InterfaceError, OperationalError
+from django.utils import timezone
+
+from sagas import runner, services
+from sagas.exceptions import SagaNotFound
+
+log = logging.getLogger("sagas")
+
+# The database being unreachable is an infrastructure fault, not the step's: retry the message
+# with backoff (kept below the broker's visibility timeout) instead of failing the saga.
+INFRASTRUCTURE_RETRY = {
+    "autoretry_for": (OperationalError, InterfaceError),
+    "retry_backoff": 1,
+    "retry_backoff_max": 30,
+    "retry_jitter": True,
+    "retry_kwargs": {"max_retries": 60},
+}
+
+
+@shared_task(bind=True, name="sagas.run_step", acks_late=True, reject_on_worker_lost=True, max_retries=None, **INFRASTRUCTURE_RETRY)
+def run_step(self, *, saga_id: str, step: str, direction: str) -> None:
+    def republish() -> None:
+        self.signature_from_request().apply_async()
+
+    try:
+        result = runner.step_run(saga_id=saga_id, step_name=step, direction=direction, republish=republish)
+    except SagaNotFound:
+        log.warning("saga_missing saga=%s step=%s: dropping the message", saga_id, step)
+        raise Ignore() from None
+    if result.outcome is runner.Outcome.RETRY:
+        raise self.retry(countdown=result.countdown, max_retries=None)
+    if result.outcome is runner.Outcome.FAILED:
+        raise result.error
+    if result.outcome is runner.Outcome.STALE:
+        raise Ignore()  # no callbacks: the saga no longer runs this direction
+
+
+@shared_task(bind=True, name="sagas.step_failed", acks_late=True, reject_on_worker_lost=True, **INFRASTRUCTURE_RETRY)
+def step_failed(self, failed_task_id: str, *, saga_id: str, step: str, direction: str) -> None:
+    """The link_error of every step. bind=True makes Celery send it through the broker with the
+    failed task's id first, instead of calling it inline in the failing worker."""
+    try:
+        runner.step_failure_handle(saga_id=saga_id, step_name=step, direction=direction, failed_task_id=failed_task_id)
+    except SagaNotFound:
+        log.warning("saga_missing saga=%s step=%s: dropping the errback", saga_id, step)
+
+
+@shared_task(name="sagas.sweep", acks_late=True, **INFRASTRUCTURE_RETRY)
+def sweep() -> dict:
+    counts = services.saga_sweep(now=timezone.now())
+    if any(counts.values()):
+        log.info("saga_sweep overdue=%s redriven=%s", counts["overdue"], counts["redriven"])
+    return counts

@@ -1,0 +1,14 @@
+from django.db import models
+
+
+class Effect(models.Model):
+    """One row per applied effect of a test saga's step or compensation: duplicates are countable."""
+
+    saga_id = models.UUIDField()
+    step = models.CharField(max_length=100)
+    direction = models.CharField(max_length=10)
+    created_at = models.DateTimeField(auto_now_add=True)
+    pid = models.PositiveIntegerField()
+
+    class Meta:
+        ordering = ["id"]

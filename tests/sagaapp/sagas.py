@@ -1,0 +1,41 @@
+"""Test sagas: every step records an Effect row in its own transaction, so a test can count how
+often each step and compensation took effect. `input["sleep"][step]` makes a step slow."""
+
+import os
+import time
+from datetime import timedelta
+
+from sagas import Retry, Saga, Step, StepContext
+from tests.sagaapp.models import Effect
+
+FAST_RETRY = Retry(max_attempts=3, backoff=0.1, max_delay=0.5)
+COMPENSATION_RETRY = Retry(max_attempts=3, backoff=0.1, max_delay=0.5)
+STEP_NAMES = ["reserve", "charge", "ship", "notify"]
+
+
+def record(ctx: StepContext) -> dict:
+    time.sleep(ctx.input.get("sleep", {}).get(ctx.step, 0))
+    Effect.objects.create(saga_id=ctx.saga_id, step=ctx.step, direction=ctx.direction, pid=os.getpid())
+    return {"step": ctx.step, "key": ctx.idempotency_key, "attempt": ctx.attempt}
+
+
+def steps(timeout: float = 5.0) -> list[Step]:
+    return [
+        Step(
+            name,
+            action=record,
+            # the last step has nothing to undo, like "notify fulfillment"
+            compensation=record if name != "notify" else None,
+            retry=FAST_RETRY,
+            compensation_retry=COMPENSATION_RETRY,
+            timeout=timeout,
+            max_deliveries=2,
+        )
+        for name in STEP_NAMES
+    ]
+
+
+four_steps = Saga("test_four_steps", version=1, steps=steps())
+parallel = Saga("test_parallel", version=1, steps=steps(), compensate_in_parallel=True)
+keep_going = Saga("test_keep_going", version=1, steps=steps(), continue_on_compensation_failure=True)
+with_deadline = Saga("test_deadline", version=1, steps=steps(), deadline=timedelta(seconds=2))
