@@ -20,23 +20,25 @@ class InjectedTransientError(TransientError):
     pass
 
 
-def fault_take(*, saga: SagaInstance, step: str, direction: str) -> str | None:
-    """Consume one matching fault and return its kind, or None. Commits on its own, so a crash
-    fault is used up even though the process dies right after."""
+def fault_take(*, saga: SagaInstance, step: str, direction: str) -> frozenset[str]:
+    """Consume one of each kind of matching fault and return their kinds. Commits on its own, so
+    a crash fault is used up even though the process dies right after."""
     if not settings.SAGAS_FAULT_INJECTION:
-        return None
+        return frozenset()
+    kinds: set[str] = set()
     with transaction.atomic():
-        fault = (
+        faults = (
             Fault.objects.select_for_update()
             .filter(saga_name=saga.name, step=step, direction=direction)
             .filter(Q(saga__isnull=True) | Q(saga=saga))
             .filter(Q(remaining__isnull=True) | Q(remaining__gt=0))
             .order_by("pk")
-            .first()
         )
-        if fault is None:
-            return None
-        if fault.remaining is not None:
-            fault.remaining -= 1
-            fault.save(update_fields=["remaining"])
-        return fault.kind
+        for fault in faults:
+            if fault.kind in kinds:
+                continue
+            kinds.add(fault.kind)
+            if fault.remaining is not None:
+                fault.remaining -= 1
+                fault.save(update_fields=["remaining"])
+    return frozenset(kinds)

@@ -71,17 +71,17 @@ def step_run(
         raise SagaNotFound(f"saga {saga_id} does not exist") from None
     definition = get_definition(saga.name, saga.version)
     step = definition.step(step_name)
-    fault = fault_take(saga=saga, step=step_name, direction=direction)
-    if fault == FaultKind.DUPLICATE:
+    faults = fault_take(saga=saga, step=step_name, direction=direction)
+    if FaultKind.DUPLICATE in faults:
         republish()
 
     early = _record_delivery(saga_id, definition, step, direction, now=now())
     if early is not None:
         return early
-    if fault == FaultKind.CRASH:
+    if FaultKind.CRASH in faults:
         _die(saga_id, step_name, "before commit")
-    result = _execute(saga_id, definition, step, direction, fault=fault, now=now())
-    if fault == FaultKind.CRASH_AFTER_COMMIT and result.outcome == Outcome.DONE:
+    result = _execute(saga_id, definition, step, direction, faults=faults, clock=now)
+    if FaultKind.CRASH_AFTER_COMMIT in faults and result.outcome == Outcome.DONE:
         _die(saga_id, step_name, "after commit")
     return result
 
@@ -141,11 +141,16 @@ def _record_delivery(saga_id, definition: Saga, step: Step, direction: str, *, n
             return StepResult(Outcome.DONE)
         if execution.state == StepState.FAILED:
             return StepResult(Outcome.FAILED, error=StepFailedEarlier(execution.last_error))
+        if direction == FORWARD and saga.deadline_at is not None and now >= saga.deadline_at:
+            # The sweeper may not get the saga's lock while steps keep it busy; every step checks.
+            saga_begin_compensation(saga, definition, reason="deadline exceeded", now=now)
+            return StepResult(Outcome.STALE)
         unfinished = execution.deliveries - execution.attempts
         execution.deliveries += 1
         if unfinished >= step.max_deliveries:
             failure = WorkerLostTooOften(
-                f"delivered {execution.deliveries} times; {unfinished} deliveries never finished (worker lost)"
+                f"delivered {execution.deliveries} times; {unfinished} deliveries never finished "
+                "(worker lost or hard time limit)"
             )
             _mark(saga, execution, StepState.FAILED, now=now, error=str(failure))
         else:
@@ -164,8 +169,11 @@ def _record_delivery(saga_id, definition: Saga, step: Step, direction: str, *, n
     return StepResult(Outcome.FAILED, error=failure) if failure else None
 
 
-def _execute(saga_id, definition: Saga, step: Step, direction: str, *, fault: str | None, now: datetime) -> StepResult:
+def _execute(
+    saga_id, definition: Saga, step: Step, direction: str, *, faults: frozenset[str], clock: Callable[[], datetime]
+) -> StepResult:
     """Transaction 2: run the action and record its outcome, or find it already done."""
+    now = clock()
     with transaction.atomic():
         saga = lock_saga(saga_id)
         if not _runs(saga, direction):
@@ -189,14 +197,15 @@ def _execute(saga_id, definition: Saga, step: Step, direction: str, *, fault: st
         error: BaseException | None = None
         try:
             with transaction.atomic():  # a failed action leaves none of its writes behind
-                if fault == FaultKind.BUSINESS:
+                if FaultKind.BUSINESS in faults:
                     raise InjectedBusinessError(f"injected business failure in {step.name}")
-                if fault == FaultKind.TRANSIENT:
+                if FaultKind.TRANSIENT in faults:
                     raise InjectedTransientError(f"injected transient failure in {step.name}")
                 value = function(context) if function else None
                 value = json.loads(json.dumps(value, cls=DjangoJSONEncoder))
         except Exception as exc:  # noqa: BLE001 - the boundary around user code: recorded below
             error = exc
+        now = clock()
         execution.attempts += 1
         if error is None:
             execution.result = value

@@ -24,7 +24,18 @@ INFRASTRUCTURE_RETRY = {
 }
 
 
-@shared_task(bind=True, name="sagas.run_step", acks_late=True, reject_on_worker_lost=True, max_retries=None, **INFRASTRUCTURE_RETRY)
+# acks_on_failure_or_timeout=False: a step killed by the hard time limit is requeued like one
+# whose worker died (with the embedded SQLAlchemy broker a killed pool child also surfaces this
+# way). Either counts as a delivery that never finished, bounded by the step's max_deliveries.
+@shared_task(
+    bind=True,
+    name="sagas.run_step",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    acks_on_failure_or_timeout=False,
+    max_retries=None,
+    **INFRASTRUCTURE_RETRY,
+)
 def run_step(self, *, saga_id: str, step: str, direction: str) -> None:
     def republish() -> None:
         self.signature_from_request().apply_async()

@@ -11,7 +11,9 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    skip = pytest.mark.skip(reason="needs PostgreSQL row locks / Redis redelivery; embedded mode (SQLite + SQLAlchemy broker)")
+    """Skip tests marked `services` in embedded mode, with the reason the marker gives."""
     for item in items:
-        if EMBEDDED and "services" in item.keywords:
-            item.add_marker(skip)
+        marker = item.get_closest_marker("services")
+        if EMBEDDED and marker is not None:
+            reason = marker.kwargs.get("reason", "needs PostgreSQL row locks or Redis")
+            item.add_marker(pytest.mark.skip(reason=f"embedded mode: {reason}"))

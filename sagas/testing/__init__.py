@@ -234,8 +234,9 @@ class CeleryWorker(_CeleryProcess):
 
     def children(self) -> list[int]:
         """Pids of the pool's child processes (the ones that run tasks)."""
-        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+        # A child forked by the pool's maintenance thread is listed under that thread.
+        threads = Path(f"/proc/{self.process.pid}/task").glob("*/children")
+        return [int(pid) for path in threads for pid in path.read_text().split()]
 
     def kill_children(self) -> list[int]:
         """kill -9 every pool child: the task in hand dies; the worker forks new children."""

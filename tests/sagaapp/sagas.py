@@ -39,3 +39,7 @@ four_steps = Saga("test_four_steps", version=1, steps=steps())
 parallel = Saga("test_parallel", version=1, steps=steps(), compensate_in_parallel=True)
 keep_going = Saga("test_keep_going", version=1, steps=steps(), continue_on_compensation_failure=True)
 with_deadline = Saga("test_deadline", version=1, steps=steps(), deadline=timedelta(seconds=2))
+
+# The same name in two versions: a saga finishes with the version it started with.
+versioned_v1 = Saga("test_versioned", version=1, steps=steps()[:2])
+versioned_v2 = Saga("test_versioned", version=2, steps=steps())

@@ -1,0 +1,51 @@
+"""Shared helpers for the engine's end-to-end tests."""
+
+from django.conf import settings
+
+from sagas.models import Direction, StepExecution, StepState
+from tests.sagaapp.models import Effect
+
+
+def effects(saga_id) -> list[tuple[str, str]]:
+    return list(Effect.objects.filter(saga_id=saga_id).order_by("id").values_list("step", "direction"))
+
+
+def effect_count(saga_id, step: str, direction: str = Direction.FORWARD) -> int:
+    return Effect.objects.filter(saga_id=saga_id, step=step, direction=direction).count()
+
+
+def compensations_in_start_order(saga_id) -> list[str]:
+    rows = StepExecution.objects.filter(saga_id=saga_id, direction=Direction.COMPENSATE).exclude(started_at=None)
+    return [e.name for e in rows.order_by("started_at")]
+
+
+def step_row(saga_id, name: str, direction: str = Direction.FORWARD) -> StepExecution:
+    return StepExecution.objects.get(saga_id=saga_id, name=name, direction=direction)
+
+
+def wait_for_step(saga_id, name: str, state: str = StepState.RUNNING, timeout: float = 20.0) -> StepExecution:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = step_row(saga_id, name)
+        if row.state == state:
+            return row
+        time.sleep(0.05)
+    raise AssertionError(f"step {name} of saga {saga_id} never reached {state}")
+
+
+def flush_broker() -> None:
+    """Lose every message the broker holds, as a Redis restart without persistence would."""
+    url = settings.CELERY_BROKER_URL
+    if url.startswith("redis"):
+        import redis
+
+        redis.Redis.from_url(url).flushdb()
+    else:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(url.split("+", 1)[1])
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM kombu_message"))
+        engine.dispose()
