@@ -43,9 +43,9 @@ CELERY_BROKER_URL = broker_url(_broker, sqlite_file=VAR_DIR / "test-broker.sqlit
 CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_TASK_DEFAULT_QUEUE", "chainsaga-test")
 CHAINSAGA_TEST_BACKEND = TEST_BACKEND
 
-# Short redelivery so a test that kills a whole worker sees its message come back quickly; the
-# test sagas keep step timeout + retry delay below it.
-SAGAS_VISIBILITY_TIMEOUT = int(os.environ.get("SAGAS_VISIBILITY_TIMEOUT", "60"))
+# Shorter than production's hour, still above every definition's timeout + retry delay. A test
+# that kills a whole worker does not wait for it: the sweeper re-drives the saga first.
+SAGAS_VISIBILITY_TIMEOUT = int(os.environ.get("SAGAS_VISIBILITY_TIMEOUT", "300"))
 CELERY_BROKER_TRANSPORT_OPTIONS = broker_transport_options(CELERY_BROKER_URL, visibility_timeout=SAGAS_VISIBILITY_TIMEOUT)
 CELERY_BROKER_TRANSPORT = broker_transport(CELERY_BROKER_URL)
 SAGAS_FAULT_INJECTION = True

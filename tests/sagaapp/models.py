@@ -12,3 +12,12 @@ class Effect(models.Model):
 
     class Meta:
         ordering = ["id"]
+
+
+class Wallet(models.Model):
+    """The README's example: money moves between wallets, never below zero."""
+
+    balance = models.DecimalField(max_digits=12, decimal_places=2)
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=models.Q(balance__gte=0), name="wallet_balance_not_negative")]

@@ -43,3 +43,39 @@ with_deadline = Saga("test_deadline", version=1, steps=steps(), deadline=timedel
 # The same name in two versions: a saga finishes with the version it started with.
 versioned_v1 = Saga("test_versioned", version=1, steps=steps()[:2])
 versioned_v2 = Saga("test_versioned", version=2, steps=steps())
+
+
+# --- the README's "Defining a saga" example ------------------------------------------------
+from decimal import Decimal  # noqa: E402
+
+from django.db.models import F  # noqa: E402
+
+from sagas import BusinessError  # noqa: E402
+from tests.sagaapp.models import Wallet  # noqa: E402
+
+
+class InsufficientFunds(BusinessError):
+    pass
+
+
+def debit(ctx):
+    wallet = Wallet.objects.select_for_update().get(pk=ctx.input["source"])
+    amount = Decimal(ctx.input["amount"])
+    if wallet.balance < amount:
+        raise InsufficientFunds(f"wallet {wallet.pk} holds {wallet.balance}, needs {amount}")
+    wallet.balance -= amount
+    wallet.save(update_fields=["balance"])
+
+
+def credit_back(ctx):
+    Wallet.objects.filter(pk=ctx.input["source"]).update(balance=F("balance") + Decimal(ctx.input["amount"]))
+
+
+def credit(ctx):
+    Wallet.objects.filter(pk=ctx.input["target"]).update(balance=F("balance") + Decimal(ctx.input["amount"]))
+
+
+transfer = Saga("transfer", version=1, steps=[
+    Step("debit_source", action=debit, compensation=credit_back),
+    Step("credit_target", action=credit, retry=Retry(max_attempts=5, max_delay=10)),
+])
