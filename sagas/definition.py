@@ -23,6 +23,10 @@ from uuid import UUID
 
 from sagas.exceptions import BusinessError, InvalidSagaDefinition, UnknownSagaDefinition
 
+# After the soft time limit (the step's timeout) raises inside the action, the hard limit kills
+# the worker child if the action ignores it.
+HARD_LIMIT_GRACE = 5.0
+
 FORWARD = "forward"
 COMPENSATE = "compensate"
 
@@ -153,7 +157,7 @@ class Saga:
         for step in self.steps:
             if step.timeout <= 0 or step.max_deliveries < 1:
                 raise InvalidSagaDefinition(f"{self.name}.{step.name}: timeout and max_deliveries must be positive")
-            longest = step.timeout + max(step.retry.max_delay, step.compensation_retry.max_delay)
+            longest = step.timeout + HARD_LIMIT_GRACE + max(step.retry.max_delay, step.compensation_retry.max_delay)
             if longest >= visibility:
                 # A message held longer than the visibility timeout is delivered again while the
                 # first delivery is still running or waiting for its retry.

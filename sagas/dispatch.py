@@ -16,11 +16,7 @@ from uuid import UUID
 
 from celery import Signature, signature
 
-from sagas.definition import FORWARD, Saga, Step
-
-# After the soft time limit (the step's timeout) raises inside the action, the hard limit kills
-# the worker child if the action ignores it.
-HARD_LIMIT_GRACE = 5.0
+from sagas.definition import FORWARD, HARD_LIMIT_GRACE, Saga, Step
 
 
 def step_signature(saga_id: UUID, step: Step, direction: str) -> Signature:

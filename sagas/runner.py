@@ -21,10 +21,10 @@ from datetime import datetime
 from uuid import UUID
 
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
-from sagas.definition import FORWARD, Saga, Step, StepContext, get_definition
+from sagas.definition import FORWARD, HARD_LIMIT_GRACE, Saga, Step, StepContext, get_definition
 from sagas.exceptions import SagaNotFound, StepFailedEarlier, WorkerLostTooOften
 from sagas.faults import InjectedBusinessError, InjectedTransientError, fault_take
 from sagas.locks import lock_saga, lock_step
@@ -80,7 +80,11 @@ def step_run(
         return early
     if FaultKind.CRASH in faults:
         _die(saga_id, step_name, "before commit")
-    result = _execute(saga_id, definition, step, direction, faults=faults, clock=now)
+    try:
+        result = _execute(saga_id, definition, step, direction, faults=faults, clock=now)
+    except (OperationalError, InterfaceError):
+        _release_delivery(saga_id, step, direction)  # the task retries this delivery
+        raise
     if FaultKind.CRASH_AFTER_COMMIT in faults and result.outcome == Outcome.DONE:
         _die(saga_id, step_name, "after commit")
     return result
@@ -99,6 +103,20 @@ def step_failure_handle(*, saga_id: UUID | str, step_name: str, direction: str, 
             saga_advance(saga, definition, now=now)
             return
         if execution.state != StepState.FAILED:
+            step = definition.step(step_name)
+            if _runs(saga, direction) and execution.deliveries - execution.attempts < step.max_deliveries:
+                # No outcome was recorded, so this failure is a lost delivery, not the step's: Celery
+                # sends the errback at the hard time limit although it also requeues the message
+                # (acks_on_timeout=False), and a redelivered errback may predate an operator retry.
+                # The requeued message, or the sweeper, runs the step again; _record_delivery fails
+                # it once max_deliveries deliveries never finished.
+                log.warning(
+                    "saga_errback_without_outcome saga=%s step=%s direction=%s task=%s state=%s: left to redelivery",
+                    saga.id, step_name, direction, failed_task_id, execution.state,
+                )
+                saga_touch(saga, now=now, expect_within=step.timeout + HARD_LIMIT_GRACE)
+                saga.save(update_fields=["updated_at", "stuck_after"])
+                return
             _mark(
                 saga,
                 execution,
@@ -169,6 +187,22 @@ def _record_delivery(saga_id, definition: Saga, step: Step, direction: str, *, n
     return StepResult(Outcome.FAILED, error=failure) if failure else None
 
 
+def _release_delivery(saga_id, step: Step, direction: str) -> None:
+    """Uncount a delivery that a database error interrupted before it recorded an outcome. Best
+    effort: if the database is still unreachable the delivery stays counted as lost."""
+    try:
+        if not connection.in_atomic_block:
+            connection.close_if_unusable_or_obsolete()  # reconnect if the error broke the connection
+        with transaction.atomic():
+            saga = lock_saga(saga_id)
+            execution = lock_step(saga, step.name, direction)
+            if execution.state == StepState.RUNNING and execution.deliveries > execution.attempts:
+                execution.deliveries -= 1
+                execution.save(update_fields=["deliveries"])
+    except (OperationalError, InterfaceError):
+        log.warning("saga_delivery_not_released saga=%s step=%s direction=%s", saga_id, step.name, direction)
+
+
 def _execute(
     saga_id, definition: Saga, step: Step, direction: str, *, faults: frozenset[str], clock: Callable[[], datetime]
 ) -> StepResult:
@@ -202,7 +236,7 @@ def _execute(
                 if FaultKind.TRANSIENT in faults:
                     raise InjectedTransientError(f"injected transient failure in {step.name}")
                 value = function(context) if function else None
-                value = json.loads(json.dumps(value, cls=DjangoJSONEncoder))
+                value = json.loads(json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False))
         except Exception as exc:  # noqa: BLE001 - the boundary around user code: recorded below
             error = exc
         now = clock()

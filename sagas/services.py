@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from sagas import dispatch
 from sagas.definition import COMPENSATE, FORWARD, Saga, get_definition
-from sagas.exceptions import SagaError, SagaStateConflict
+from sagas.exceptions import SagaError, SagaStateConflict, UnknownSagaDefinition
 from sagas.locks import lock_saga, lock_steps
 from sagas.log import transition
 from sagas.models import SagaInstance, SagaState, StepExecution, StepState
@@ -67,6 +67,8 @@ def saga_start(
                     stuck_after=_stuck_after(now, definition.steps[0].timeout),
                 )
         except IntegrityError:
+            if idempotency_key is None:
+                raise
             # A concurrent start with the same key committed first.
             return SagaInstance.objects.get(name=definition.name, idempotency_key=idempotency_key)
         StepExecution.objects.bulk_create(
@@ -110,6 +112,7 @@ def saga_retry_compensation(*, saga_id: UUID | str, now: datetime | None = None)
                 transition(saga, StepState.FAILED, StepState.PENDING, step=execution.name, direction=COMPENSATE, detail="retry")
         _set_state(saga, SagaState.COMPENSATING, now=now, detail="operator retry")
         saga.finished_at = None
+        saga.stuck_after = _stuck_after(now, max(step.timeout for step in definition.steps))
         saga.save()
         saga_advance(saga, definition, now=now)
     return saga
@@ -128,7 +131,10 @@ def saga_sweep(*, now: datetime | None = None, limit: int | None = None) -> dict
             .filter(state__in=RUNS_FORWARD, deadline_at__lt=now)
             .order_by("deadline_at")[:limit]
         ):
-            saga_begin_compensation(saga, _definition(saga), reason="deadline exceeded", now=now)
+            definition = _sweepable_definition(saga, now=now)
+            if definition is None:
+                continue
+            saga_begin_compensation(saga, definition, reason="deadline exceeded", now=now)
             overdue += 1
     with transaction.atomic():
         for saga in (
@@ -136,7 +142,9 @@ def saga_sweep(*, now: datetime | None = None, limit: int | None = None) -> dict
             .filter(state__in=(*RUNS_FORWARD, SagaState.COMPENSATING), stuck_after__lt=now)
             .order_by("stuck_after")[:limit]
         ):
-            definition = _definition(saga)
+            definition = _sweepable_definition(saga, now=now)
+            if definition is None:
+                continue
             saga.redrives += 1
             # Back off per saga so a long queue backlog is not answered with ever more messages.
             backoff = min(600.0, max(s.timeout for s in definition.steps) * 2 ** min(saga.redrives, 6))
@@ -265,10 +273,22 @@ def _definition(saga: SagaInstance) -> Saga:
     return get_definition(saga.name, saga.version)
 
 
+def _sweepable_definition(saga: SagaInstance, *, now: datetime) -> Saga | None:
+    """The saga's definition, or None (logged, next check pushed back) when this process does not
+    know it, so that one such saga does not roll back the whole sweep batch every time."""
+    try:
+        return _definition(saga)
+    except UnknownSagaDefinition as exc:
+        log.error("saga_sweep_unknown_definition saga=%s: %s", saga.id, exc)
+        saga.stuck_after = now + timedelta(seconds=600)
+        saga.save(update_fields=["stuck_after"])
+        return None
+
+
 def _json_object(value: Mapping[str, Any]) -> dict:
     if not isinstance(value, Mapping):
         raise InvalidSagaInput("saga input must be a mapping")
     try:
-        return json.loads(json.dumps(value, cls=DjangoJSONEncoder))
+        return json.loads(json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise InvalidSagaInput(f"saga input is not JSON-serializable: {exc}") from None

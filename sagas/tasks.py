@@ -26,7 +26,9 @@ INFRASTRUCTURE_RETRY = {
 
 # acks_on_failure_or_timeout=False: a step killed by the hard time limit is requeued like one
 # whose worker died (with the embedded SQLAlchemy broker a killed pool child also surfaces this
-# way). Either counts as a delivery that never finished, bounded by the step's max_deliveries.
+# way). Celery still sends the errback then; it finds no recorded outcome and leaves the step to
+# the requeued message (runner.step_failure_handle). Either way the delivery counts against the
+# step's max_deliveries.
 @shared_task(
     bind=True,
     name="sagas.run_step",

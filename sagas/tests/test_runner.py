@@ -1,0 +1,81 @@
+"""The runner's handling of lost deliveries and errbacks, without a worker."""
+
+import pytest
+from django.db import OperationalError
+from django.utils import timezone
+
+from sagas import runner, services
+from sagas.definition import COMPENSATE, FORWARD
+from sagas.models import SagaState, StepExecution, StepState
+from sagas.tests.builders import failed_saga, reload, run, three_steps
+
+pytestmark = pytest.mark.django_db
+
+
+def step_row(saga, name: str, direction: str = FORWARD) -> StepExecution:
+    return StepExecution.objects.get(saga=saga, name=name, direction=direction)
+
+
+def lost_delivery(saga, step: str) -> None:
+    """A delivery that recorded itself and then died: its worker was killed, or the hard time
+    limit killed it (transaction 2 never committed)."""
+    definition = three_steps
+    assert runner._record_delivery(saga.id, definition, definition.step(step), FORWARD, now=timezone.now()) is None
+
+
+def test_an_errback_for_a_step_that_spent_its_delivery_budget_fails_it_and_compensates(sent, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        saga = services.saga_start(definition=three_steps, input={})
+        run(saga, "reserve")
+        for _ in range(three_steps.step("charge").max_deliveries):
+            lost_delivery(saga, "charge")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        runner.step_failure_handle(saga_id=saga.id, step_name="charge", direction=FORWARD, failed_task_id="t-1")
+
+    assert step_row(saga, "charge").state == StepState.FAILED
+    assert reload(saga).state == SagaState.COMPENSATING
+    assert sent.compensations == [(str(saga.pk), ["reserve"], COMPENSATE)]
+
+
+def test_the_errback_of_a_hard_time_limit_leaves_the_step_to_its_requeued_message(sent, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        saga = services.saga_start(definition=three_steps, input={})
+        run(saga, "reserve")
+        lost_delivery(saga, "charge")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        runner.step_failure_handle(saga_id=saga.id, step_name="charge", direction=FORWARD, failed_task_id="t-1")
+
+    assert step_row(saga, "charge").state == StepState.RUNNING
+    assert reload(saga).state == SagaState.RUNNING
+    assert sent.compensations == []
+
+
+def test_a_redelivered_errback_from_before_an_operator_retry_does_not_fail_the_retry(sent, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        saga = failed_saga()
+        services.saga_retry_compensation(saga_id=saga.id)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        runner.step_failure_handle(saga_id=saga.id, step_name="reserve", direction=COMPENSATE, failed_task_id="t-1")
+
+    assert reload(saga).state == SagaState.COMPENSATING
+
+
+def test_database_errors_retried_by_the_task_do_not_spend_the_delivery_budget(sent, django_capture_on_commit_callbacks, monkeypatch):
+    with django_capture_on_commit_callbacks(execute=True):
+        saga = services.saga_start(definition=three_steps, input={})
+
+    def database_gone_in_transaction_2(*args, **kwargs):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(runner, "_execute", database_gone_in_transaction_2)
+        for _ in range(three_steps.step("reserve").max_deliveries):
+            with pytest.raises(OperationalError):
+                run(saga, "reserve")
+    with django_capture_on_commit_callbacks(execute=True):
+        result = run(saga, "reserve")
+
+    assert result.outcome is runner.Outcome.DONE, step_row(saga, "reserve").last_error
