@@ -6,7 +6,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     DJANGO_SETTINGS_MODULE=config.settings.production \
-    CHAINSAGA_VAR_DIR=/app/var
+    CHAINSAGA_VAR_DIR=/app/var \
+    STATIC_ROOT=/app/static
 
 RUN groupadd --system --gid 10001 chainsaga \
  && useradd --system --uid 10001 --gid chainsaga --home-dir /app --no-create-home \
@@ -16,7 +17,7 @@ RUN groupadd --system --gid 10001 chainsaga \
 # one copy of the code to import. Files are named one by one: there is no .dockerignore, and the
 # build context holds .venv/ and var/ (SQLite files) that must not reach the image.
 WORKDIR /tmp/src
-COPY pyproject.toml ./
+COPY pyproject.toml README.md ./
 COPY config ./config
 COPY sagas ./sagas
 COPY orders ./orders
@@ -29,7 +30,8 @@ WORKDIR /app
 COPY manage.py ./
 # config.settings.base creates VAR_DIR at import time; /app is root's, var/ is the app user's.
 RUN mkdir -p /app/var \
- && chown chainsaga:chainsaga /app/var
+ && chown chainsaga:chainsaga /app/var \
+ && SECRET_KEY=collectstatic-only-not-a-runtime-secret python manage.py collectstatic --noinput
 
 # Numeric, so an orchestrator's runAsNonRoot check can verify it without reading /etc/passwd.
 USER 10001:10001

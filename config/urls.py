@@ -1,8 +1,31 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 from django.views.generic import RedirectView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.authtoken.views import ObtainAuthToken
+
+from config.api import HealthApi
+from inventory.api import ProductListApi
+from orders.api import OrderCancelApi, OrderDetailApi, OrderListCreateApi
+from sagas.api import SagaAbortApi, SagaDetailApi, SagaListApi, SagaRetryApi
+
+api = [
+    path("auth/token/", ObtainAuthToken.as_view(), name="api-token"),
+    path("health/", HealthApi.as_view(), name="api-health"),
+    path("products/", ProductListApi.as_view(), name="api-products"),
+    path("orders/", OrderListCreateApi.as_view(), name="api-orders"),
+    path("orders/<uuid:order_id>/", OrderDetailApi.as_view(), name="api-order"),
+    path("orders/<uuid:order_id>/cancel/", OrderCancelApi.as_view(), name="api-order-cancel"),
+    path("sagas/", SagaListApi.as_view(), name="api-sagas"),
+    path("sagas/<uuid:saga_id>/", SagaDetailApi.as_view(), name="api-saga"),
+    path("sagas/<uuid:saga_id>/retry/", SagaRetryApi.as_view(), name="api-saga-retry"),
+    path("sagas/<uuid:saga_id>/abort/", SagaAbortApi.as_view(), name="api-saga-abort"),
+    path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+]
 
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("", RedirectView.as_view(url="/admin/", permanent=False)),
+    path("api/", include(api)),
+    path("", RedirectView.as_view(url="/api/docs/", permanent=False)),
 ]

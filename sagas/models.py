@@ -2,6 +2,7 @@
 
 import uuid
 
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 from django.db.models import Q
 
@@ -38,7 +39,7 @@ class SagaInstance(models.Model):
     version = models.PositiveIntegerField()
     state = models.CharField(max_length=16, choices=SagaState.choices, default=SagaState.PENDING)
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)
-    input = models.JSONField(default=dict, blank=True)
+    input = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     failure_reason = models.TextField(blank=True)
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField()
@@ -84,7 +85,7 @@ class StepExecution(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
-    result = models.JSONField(null=True, blank=True)
+    result = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder)
 
     class Meta:
         ordering = ["saga", "direction", "position"]
@@ -122,3 +123,32 @@ class Fault(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} in {self.saga_name}.{self.step} ({self.direction})"
+
+
+class OutboxEvent(models.Model):
+    """An event committed in the same transaction as the business change that caused it.
+
+    `sequence` orders events (per aggregate, the relay publishes them in this order). The relay
+    fields (published_at, attempts, next_attempt_at, last_error) are filled by the relay."""
+
+    sequence = models.BigAutoField(primary_key=True)
+    id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    aggregate_type = models.CharField(max_length=100)
+    aggregate_id = models.CharField(max_length=100)
+    event_type = models.CharField(max_length=100)
+    payload = models.JSONField(default=dict, encoder=DjangoJSONEncoder)
+    created_at = models.DateTimeField()
+    published_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["sequence"]
+        indexes = [
+            models.Index(fields=["aggregate_type", "aggregate_id", "sequence"], name="outbox_aggregate_idx"),
+            models.Index(fields=["sequence"], condition=Q(published_at__isnull=True), name="outbox_unpublished_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} {self.aggregate_type}:{self.aggregate_id}"

@@ -37,8 +37,9 @@ else:
     REDIS_URL = ""
 
 DATABASES = {"default": database(_db_url, sqlite_file=VAR_DIR / "test-main.sqlite3")}
-# Worker subprocesses must share the test database, so SQLite's test database is a file.
-DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # Worker subprocesses must share the test database, so SQLite's test database is a file.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
 CELERY_BROKER_URL = broker_url(_broker, sqlite_file=VAR_DIR / "test-broker.sqlite3")
 CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_TASK_DEFAULT_QUEUE", "chainsaga-test")
 CHAINSAGA_TEST_BACKEND = TEST_BACKEND
@@ -52,3 +53,4 @@ SAGAS_FAULT_INJECTION = True
 SAGAS_STUCK_GRACE = float(os.environ.get("SAGAS_STUCK_GRACE", "1.0"))
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 INSTALLED_APPS = [*INSTALLED_APPS, "tests.sagaapp"]
+PAYMENTS_PROVIDER_PATH = os.environ.get("PAYMENTS_PROVIDER_PATH") or str(VAR_DIR / "test-payment-provider.sqlite3")

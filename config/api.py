@@ -1,0 +1,57 @@
+"""API plumbing shared by every app: the error format, health, and the URL map."""
+
+import logging
+
+from django.db import DatabaseError, connection
+from drf_spectacular.utils import extend_schema, inline_serializer
+from kombu.exceptions import OperationalError as BrokerError
+from rest_framework import serializers, status
+from rest_framework.permissions import AllowAny
+from rest_framework.response import Response
+from rest_framework.views import APIView
+from rest_framework.views import exception_handler as drf_exception_handler
+
+log = logging.getLogger("chainsaga.api")
+
+
+def exception_handler(exc, context):
+    """DRF's handler; anything it does not know becomes a logged JSON 500, never an HTML page."""
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        log.exception("unhandled error in %s", context.get("view").__class__.__name__, exc_info=exc)
+        return Response({"detail": "internal error; it has been logged"}, status=status.HTTP_500_INTERNAL_SERVER_ERROR)
+    return response
+
+
+class HealthApi(APIView):
+    """200 when the database and the broker answer; 503 naming the part that does not."""
+
+    permission_classes = [AllowAny]
+    authentication_classes = []
+    throttle_classes = []
+
+    @extend_schema(responses={200: inline_serializer("Health", {"database": serializers.CharField(), "broker": serializers.CharField()})})
+    def get(self, request):
+        checks = {"database": _check_database(), "broker": _check_broker()}
+        healthy = all(value == "ok" for value in checks.values())
+        return Response(checks, status=status.HTTP_200_OK if healthy else status.HTTP_503_SERVICE_UNAVAILABLE)
+
+
+def _check_database() -> str:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        return "ok"
+    except DatabaseError as exc:
+        return f"error: {exc}"
+
+
+def _check_broker() -> str:
+    from config.celery import app
+
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        return "ok"
+    except (BrokerError, OSError) as exc:
+        return f"error: {type(exc).__name__}: {exc}"

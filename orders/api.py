@@ -1,0 +1,168 @@
+"""The orders API: place (with Idempotency-Key), list, inspect with the saga timeline, cancel."""
+
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers, status
+from rest_framework.exceptions import ValidationError
+from rest_framework.generics import ListAPIView
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from orders.models import Flow, Order, OrderStatus
+from orders.services import (
+    IdempotencyKeyInFlight,
+    IdempotencyKeyReused,
+    LineRequest,
+    MixedCurrencies,
+    OrderNotCancellable,
+    UnknownProducts,
+    order_cancel,
+    order_place,
+)
+from payments.gateway import PAYMENT_METHODS
+from sagas.api import SagaOutputSerializer
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_KEY_LENGTH = 255
+MAX_QUANTITY = 1000
+MAX_ITEMS = 100
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """An integer that must be a JSON integer: "2", 2.0 and true are refused, not coerced."""
+
+    default_error_messages = {"invalid": "A JSON integer is required."}
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class LineInputSerializer(serializers.Serializer):
+    sku = serializers.CharField(max_length=64)
+    quantity = StrictIntegerField(min_value=1, max_value=MAX_QUANTITY)
+
+
+class OrderPlaceInputSerializer(serializers.Serializer):
+    """Only these fields are read; anything else a client sends (total, status, owner) is ignored."""
+
+    items = LineInputSerializer(many=True, allow_empty=False, max_length=MAX_ITEMS)
+    payment_method = serializers.ChoiceField(choices=PAYMENT_METHODS)
+    flow = serializers.ChoiceField(choices=Flow.choices, default=Flow.ORCHESTRATED)
+
+    def validate_items(self, items):
+        skus = [item["sku"] for item in items]
+        duplicates = sorted({sku for sku in skus if skus.count(sku) > 1})
+        if duplicates:
+            raise serializers.ValidationError(f"each sku may appear once; repeated: {', '.join(duplicates)}")
+        return items
+
+
+class OrderItemOutputSerializer(serializers.Serializer):
+    sku = serializers.CharField()
+    quantity = serializers.IntegerField()
+    unit_price = serializers.DecimalField(max_digits=12, decimal_places=2)
+    line_total = serializers.DecimalField(max_digits=14, decimal_places=2)
+
+
+class OrderOutputSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    status = serializers.CharField()
+    total = serializers.DecimalField(max_digits=12, decimal_places=2)
+    currency = serializers.CharField()
+    payment_method = serializers.CharField()
+    flow = serializers.CharField()
+    cancel_reason = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+    items = OrderItemOutputSerializer(many=True)
+    saga = SagaOutputSerializer()
+
+
+class OrderStatusFilterSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=OrderStatus.choices, required=False)
+
+
+def _orders_of(user):
+    return Order.objects.filter(owner=user).select_related("saga").prefetch_related("items", "saga__steps")
+
+
+def _idempotency_key(request) -> str:
+    key = request.headers.get(IDEMPOTENCY_HEADER, "").strip()
+    if not key:
+        raise ValidationError({IDEMPOTENCY_HEADER: [f"the {IDEMPOTENCY_HEADER} header is required"]})
+    if len(key) > MAX_KEY_LENGTH:
+        raise ValidationError({IDEMPOTENCY_HEADER: [f"at most {MAX_KEY_LENGTH} characters"]})
+    return key
+
+
+class OrderListCreateApi(ListAPIView):
+    serializer_class = OrderOutputSerializer
+
+    @extend_schema(parameters=[OpenApiParameter("status", enum=OrderStatus.values)])
+    def get(self, request, *args, **kwargs):
+        return super().get(request, *args, **kwargs)
+
+    def get_queryset(self):
+        filters = OrderStatusFilterSerializer(data=self.request.query_params)
+        filters.is_valid(raise_exception=True)
+        orders = _orders_of(self.request.user)
+        if "status" in filters.validated_data:
+            orders = orders.filter(status=filters.validated_data["status"])
+        return orders
+
+    @extend_schema(
+        request=OrderPlaceInputSerializer,
+        responses={201: OrderOutputSerializer},
+        parameters=[OpenApiParameter(IDEMPOTENCY_HEADER, location=OpenApiParameter.HEADER, required=True)],
+    )
+    def post(self, request):
+        key = _idempotency_key(request)
+        data = OrderPlaceInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            result = order_place(
+                owner=request.user,
+                lines=[LineRequest(item["sku"], item["quantity"]) for item in data.validated_data["items"]],
+                payment_method=data.validated_data["payment_method"],
+                flow=data.validated_data["flow"],
+                idempotency_key=key,
+            )
+        except UnknownProducts as exc:
+            raise ValidationError({"items": [f"unknown sku: {sku}" for sku in exc.skus]}) from None
+        except MixedCurrencies as exc:
+            raise ValidationError({"items": [str(exc)]}) from None
+        except IdempotencyKeyReused as exc:
+            return Response({IDEMPOTENCY_HEADER: [str(exc)]}, status=status.HTTP_422_UNPROCESSABLE_ENTITY)
+        except IdempotencyKeyInFlight as exc:
+            return Response({IDEMPOTENCY_HEADER: [str(exc)]}, status=status.HTTP_409_CONFLICT)
+        order = _orders_of(request.user).get(pk=result.order.pk)
+        headers = {"Location": f"/api/orders/{order.id}/"}
+        if result.replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return Response(OrderOutputSerializer(order).data, status=status.HTTP_201_CREATED, headers=headers)
+
+
+class OrderDetailApi(APIView):
+    @extend_schema(responses=OrderOutputSerializer)
+    def get(self, request, order_id):
+        order = get_object_or_404(_orders_of(request.user), pk=order_id)
+        return Response(OrderOutputSerializer(order).data)
+
+
+class OrderCancelApi(APIView):
+    """202 while the order's saga compensates; 200 when already cancelled; 409 when too late."""
+
+    @extend_schema(request=None, responses={200: OrderOutputSerializer, 202: OrderOutputSerializer})
+    def post(self, request, order_id):
+        order = get_object_or_404(_orders_of(request.user), pk=order_id)
+        if order.status == OrderStatus.CANCELLED:
+            return Response(OrderOutputSerializer(order).data, status=status.HTTP_200_OK)
+        try:
+            order_cancel(order=order)
+        except OrderNotCancellable as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+        order = _orders_of(request.user).get(pk=order.pk)
+        code = status.HTTP_200_OK if order.status == OrderStatus.CANCELLED else status.HTTP_202_ACCEPTED
+        return Response(OrderOutputSerializer(order).data, status=code)

@@ -1,0 +1,82 @@
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class OrderStatus(models.TextChoices):
+    PENDING = "pending"
+    CONFIRMED = "confirmed"
+    CANCELLED = "cancelled"
+
+
+class Flow(models.TextChoices):
+    ORCHESTRATED = "orchestrated"
+    CHOREOGRAPHED = "choreographed"
+
+
+class Order(models.Model):
+    """An order. While it is pending its saga owns it: only the saga's steps change it."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="orders")
+    status = models.CharField(max_length=10, choices=OrderStatus.choices, default=OrderStatus.PENDING)
+    total = models.DecimalField(max_digits=12, decimal_places=2)
+    currency = models.CharField(max_length=3)
+    payment_method = models.CharField(max_length=40)
+    flow = models.CharField(max_length=16, choices=Flow.choices, default=Flow.ORCHESTRATED)
+    saga = models.OneToOneField("sagas.SagaInstance", null=True, blank=True, on_delete=models.PROTECT, related_name="order")
+    cancel_reason = models.TextField(blank=True)
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(condition=Q(total__gt=0), name="order_total_positive"),
+            models.CheckConstraint(condition=Q(status__in=OrderStatus.values), name="order_status_valid"),
+        ]
+        indexes = [models.Index(fields=["owner", "status", "-created_at"], name="order_owner_status_idx")]
+
+    def __str__(self) -> str:
+        return f"order {self.id} ({self.status})"
+
+
+class OrderItem(models.Model):
+    order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="items")
+    product = models.ForeignKey("inventory.Product", on_delete=models.PROTECT)
+    sku = models.CharField(max_length=64)
+    quantity = models.PositiveIntegerField()
+    unit_price = models.DecimalField(max_digits=12, decimal_places=2)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["order", "product"], name="order_item_one_line_per_product"),
+            models.CheckConstraint(condition=Q(quantity__gte=1) & Q(quantity__lte=1000), name="order_item_quantity_range"),
+        ]
+
+    @property
+    def line_total(self):
+        return self.unit_price * self.quantity
+
+
+class IdempotencyRecordState(models.TextChoices):
+    IN_FLIGHT = "in_flight"
+    DONE = "done"
+
+
+class IdempotencyRecord(models.Model):
+    """One per (user, Idempotency-Key) of POST /api/orders/. Committed before the order is
+    written, so a concurrent request with the same key sees it in flight (409)."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    key = models.CharField(max_length=255)
+    fingerprint = models.CharField(max_length=64, help_text="sha256 of the canonical request body")
+    state = models.CharField(max_length=10, choices=IdempotencyRecordState.choices, default=IdempotencyRecordState.IN_FLIGHT)
+    order = models.OneToOneField(Order, null=True, blank=True, on_delete=models.CASCADE)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["owner", "key"], name="idempotency_key_unique_per_user")]

@@ -1,0 +1,65 @@
+"""The place-order saga, orchestrated: each step is one service call, undone newest-first."""
+
+from sagas import Retry, Saga, Step, StepContext
+
+from inventory.services import stock_release, stock_reserve
+from orders.models import Order
+from orders.services import order_accept, order_confirm, order_mark_cancelled
+from payments.gateway import PaymentFailed
+from payments.services import payment_charge, payment_refund
+
+
+def create_order(ctx: StepContext) -> dict:
+    order = order_accept(order_id=ctx.input["order_id"])
+    return {"order_id": str(order.id), "total": order.total}
+
+
+def cancel_order(ctx: StepContext) -> None:
+    order_mark_cancelled(order_id=ctx.input["order_id"], reason=_why(ctx), now=ctx.now)
+
+
+def reserve_inventory(ctx: StepContext) -> dict:
+    order = Order.objects.get(pk=ctx.input["order_id"])
+    quantities = dict(order.items.values_list("product_id", "quantity"))
+    reservations = stock_reserve(saga_id=ctx.saga_id, order_id=order.id, quantities=quantities, now=ctx.now)
+    return {"reservations": [r.pk for r in reservations]}
+
+
+def release_inventory(ctx: StepContext) -> None:
+    stock_release(saga_id=ctx.saga_id, order_id=ctx.input["order_id"], now=ctx.now)
+
+
+def process_payment(ctx: StepContext) -> dict:
+    order = Order.objects.get(pk=ctx.input["order_id"])
+    payment = payment_charge(
+        idempotency_key=ctx.idempotency_key,
+        reference=str(order.id),
+        amount=order.total,
+        currency=order.currency,
+        method=order.payment_method,
+        now=ctx.now,
+    )
+    return {"payment": payment.provider_reference, "amount": payment.amount}
+
+
+def refund_payment(ctx: StepContext) -> None:
+    payment_refund(idempotency_key=ctx.idempotency_key, now=ctx.now)
+
+
+def notify_fulfillment(ctx: StepContext) -> None:
+    order_confirm(order_id=ctx.input["order_id"], now=ctx.now)
+
+
+def _why(ctx: StepContext) -> str:
+    from sagas.models import SagaInstance
+
+    return SagaInstance.objects.values_list("failure_reason", flat=True).get(pk=ctx.saga_id)
+
+
+place_order = Saga("place_order", version=1, steps=[
+    Step("create_order", action=create_order, compensation=cancel_order),
+    Step("reserve_inventory", action=reserve_inventory, compensation=release_inventory),
+    Step("process_payment", action=process_payment, compensation=refund_payment,
+         retry=Retry(max_attempts=5, backoff=0.5, max_delay=5.0, non_retryable=(PaymentFailed,))),
+    Step("notify_fulfillment", action=notify_fulfillment),
+])

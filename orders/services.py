@@ -1,0 +1,229 @@
+"""Placing, accepting, confirming and cancelling orders. The saga's steps call these."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from uuid import UUID
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from inventory.models import Product
+from inventory.services import stock_commit
+from orders.models import Flow, IdempotencyRecord, IdempotencyRecordState, Order, OrderItem, OrderStatus
+from sagas import BusinessError
+from sagas.exceptions import SagaStateConflict
+from sagas.models import SagaState
+from sagas.outbox import outbox_emit
+from sagas.services import saga_abort
+
+# A request that claimed a key and then vanished (process killed) stops blocking the key after this.
+IN_FLIGHT_EXPIRY = timedelta(seconds=60)
+
+
+class OrderError(Exception):
+    """Base of the errors placing or changing an order raises for the caller to report."""
+
+
+class UnknownProducts(OrderError):
+    def __init__(self, skus: Sequence[str]):
+        self.skus = list(skus)
+        super().__init__(f"unknown sku: {', '.join(self.skus)}")
+
+
+class MixedCurrencies(OrderError):
+    pass
+
+
+class IdempotencyKeyReused(OrderError):
+    """The key was used before with a different request body."""
+
+
+class IdempotencyKeyInFlight(OrderError):
+    """A request with this key is still being processed."""
+
+
+class OrderNotCancellable(OrderError):
+    pass
+
+
+class OrderNotPending(BusinessError):
+    """A saga step found its order no longer pending."""
+
+
+@dataclass(frozen=True)
+class LineRequest:
+    sku: str
+    quantity: int
+
+
+@dataclass(frozen=True)
+class PlaceResult:
+    order: Order
+    replayed: bool
+
+
+def order_place(
+    *,
+    owner,
+    lines: Sequence[LineRequest],
+    payment_method: str,
+    flow: str = Flow.ORCHESTRATED,
+    idempotency_key: str,
+    now: datetime | None = None,
+) -> PlaceResult:
+    """Create a pending order priced from the catalogue and start its saga, once per
+    (owner, idempotency_key). The same key with the same request returns the first order
+    (replayed=True). Raises IdempotencyKeyReused, IdempotencyKeyInFlight, UnknownProducts,
+    MixedCurrencies."""
+    now = now or timezone.now()
+    fingerprint = _fingerprint(lines, payment_method, flow)
+    record, replay = _claim_key(owner=owner, key=idempotency_key, fingerprint=fingerprint, now=now)
+    if replay is not None:
+        return PlaceResult(replay, replayed=True)
+    try:
+        order = _order_create(owner=owner, lines=lines, payment_method=payment_method, flow=flow, record=record, now=now)
+    except BaseException:
+        IdempotencyRecord.objects.filter(pk=record.pk, state=IdempotencyRecordState.IN_FLIGHT).delete()
+        raise
+    return PlaceResult(order, replayed=False)
+
+
+def _claim_key(*, owner, key: str, fingerprint: str, now: datetime) -> tuple[IdempotencyRecord, Order | None]:
+    """Commit an in-flight claim on the key before any work, so a concurrent duplicate sees it."""
+    try:
+        with transaction.atomic():
+            return IdempotencyRecord.objects.create(owner=owner, key=key, fingerprint=fingerprint, created_at=now), None
+    except IntegrityError:
+        pass
+    with transaction.atomic():
+        record = IdempotencyRecord.objects.select_for_update().get(owner=owner, key=key)
+        if record.fingerprint != fingerprint:
+            raise IdempotencyKeyReused(f"Idempotency-Key {key!r} was already used with a different request")
+        if record.state == IdempotencyRecordState.DONE:
+            return record, record.order
+        if record.created_at > now - IN_FLIGHT_EXPIRY:
+            raise IdempotencyKeyInFlight(f"a request with Idempotency-Key {key!r} is still in progress")
+        record.created_at = now  # the first request died; this one takes the key over
+        record.save(update_fields=["created_at"])
+        return record, None
+
+
+@transaction.atomic
+def _order_create(*, owner, lines: Sequence[LineRequest], payment_method: str, flow: str, record: IdempotencyRecord, now: datetime) -> Order:
+    from orders.sagas import place_order  # the definition imports this module's step functions
+
+    products = {p.sku: p for p in Product.objects.filter(sku__in=[line.sku for line in lines])}
+    unknown = [line.sku for line in lines if line.sku not in products]
+    if unknown:
+        raise UnknownProducts(unknown)
+    currencies = {products[line.sku].currency for line in lines}
+    if len(currencies) != 1:
+        raise MixedCurrencies(f"all items must share one currency, got {', '.join(sorted(currencies))}")
+    total = sum((products[line.sku].price * line.quantity for line in lines), Decimal("0.00"))
+    order = Order.objects.create(
+        owner=owner,
+        total=total,
+        currency=currencies.pop(),
+        payment_method=payment_method,
+        flow=flow,
+        created_at=now,
+        updated_at=now,
+    )
+    OrderItem.objects.bulk_create(
+        OrderItem(order=order, product=products[line.sku], sku=line.sku, quantity=line.quantity, unit_price=products[line.sku].price)
+        for line in lines
+    )
+    order.saga = place_order.start(input={"order_id": str(order.id)}, idempotency_key=f"order:{order.id}")
+    order.save(update_fields=["saga"])
+    outbox_emit(
+        aggregate_type="order",
+        aggregate_id=order.id,
+        event_type="ORDER_CREATED",
+        payload={
+            "order_id": str(order.id),
+            "owner_id": owner.pk,
+            "total": order.total,
+            "currency": order.currency,
+            "payment_method": payment_method,
+            "items": [{"sku": line.sku, "quantity": line.quantity} for line in lines],
+        },
+        now=now,
+    )
+    record.state, record.order = IdempotencyRecordState.DONE, order
+    record.save(update_fields=["state", "order"])
+    return order
+
+
+@transaction.atomic
+def order_accept(*, order_id: UUID | str) -> Order:
+    """The saga's first step: the order exists and is still pending. Raises OrderNotPending."""
+    order = Order.objects.select_for_update().get(pk=order_id)
+    if order.status != OrderStatus.PENDING:
+        raise OrderNotPending(f"order {order.id} is {order.status}")
+    return order
+
+
+@transaction.atomic
+def order_confirm(*, order_id: UUID | str, now: datetime) -> Order:
+    """Confirm the order, take its units out of stock and ask for fulfillment. Idempotent."""
+    order = Order.objects.select_for_update().get(pk=order_id)
+    if order.status == OrderStatus.CONFIRMED:
+        return order
+    if order.status != OrderStatus.PENDING:
+        raise OrderNotPending(f"order {order.id} is {order.status}")
+    stock_commit(saga_id=order.saga_id, now=now)
+    order.status, order.updated_at = OrderStatus.CONFIRMED, now
+    order.save(update_fields=["status", "updated_at"])
+    payload = {"order_id": str(order.id), "total": order.total, "currency": order.currency}
+    outbox_emit(aggregate_type="order", aggregate_id=order.id, event_type="ORDER_CONFIRMED", payload=payload, now=now)
+    outbox_emit(aggregate_type="order", aggregate_id=order.id, event_type="FULFILLMENT_REQUESTED", payload=payload, now=now)
+    return order
+
+
+@transaction.atomic
+def order_mark_cancelled(*, order_id: UUID | str, reason: str, now: datetime) -> Order:
+    """The compensation of the saga's first step. Idempotent; a confirmed order is left alone."""
+    order = Order.objects.select_for_update().get(pk=order_id)
+    if order.status != OrderStatus.PENDING:
+        return order
+    order.status, order.cancel_reason, order.updated_at = OrderStatus.CANCELLED, reason[:2000], now
+    order.save(update_fields=["status", "cancel_reason", "updated_at"])
+    outbox_emit(
+        aggregate_type="order",
+        aggregate_id=order.id,
+        event_type="ORDER_CANCELLED",
+        payload={"order_id": str(order.id), "reason": order.cancel_reason},
+        now=now,
+    )
+    return order
+
+
+def order_cancel(*, order: Order, now: datetime | None = None) -> Order:
+    """Ask for a pending order to be cancelled: its saga is aborted and compensates. Returns the
+    order (still pending while compensation runs). Raises OrderNotCancellable."""
+    if order.status == OrderStatus.CANCELLED:
+        return order
+    if order.status == OrderStatus.CONFIRMED:
+        raise OrderNotCancellable(f"order {order.id} is confirmed and can no longer be cancelled")
+    try:
+        saga = saga_abort(saga_id=order.saga_id, reason="cancelled by the customer", now=now)
+    except SagaStateConflict:
+        raise OrderNotCancellable(f"order {order.id} was confirmed meanwhile and can no longer be cancelled") from None
+    if saga.state == SagaState.FAILED:
+        raise OrderNotCancellable(f"order {order.id} is being undone and needs an operator (saga {saga.id} FAILED)")
+    order.refresh_from_db()
+    return order
+
+
+def _fingerprint(lines: Sequence[LineRequest], payment_method: str, flow: str) -> str:
+    canonical = json.dumps(
+        {"items": sorted([line.sku, line.quantity] for line in lines), "payment_method": payment_method, "flow": flow},
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()

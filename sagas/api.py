@@ -1,0 +1,103 @@
+"""Staff API over the saga log: list, inspect, retry a FAILED saga's compensation, abort."""
+
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
+from rest_framework import serializers, status
+from rest_framework.generics import ListAPIView
+from rest_framework.permissions import IsAdminUser
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from sagas.exceptions import SagaStateConflict
+from sagas.models import SagaInstance, SagaState
+from sagas.services import saga_abort, saga_retry_compensation
+
+
+class StepExecutionOutputSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    direction = serializers.CharField()
+    state = serializers.CharField()
+    attempts = serializers.IntegerField()
+    deliveries = serializers.IntegerField()
+    started_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField()
+    error = serializers.CharField(source="last_error")
+
+
+class SagaOutputSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    version = serializers.IntegerField()
+    state = serializers.CharField()
+    failure_reason = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField()
+    redrives = serializers.IntegerField()
+    steps = serializers.SerializerMethodField()
+
+    @extend_schema_field(StepExecutionOutputSerializer(many=True))
+    def get_steps(self, saga) -> list[dict]:
+        """The timeline: every step and compensation in the order they started."""
+        rows = sorted(saga.steps.all(), key=lambda e: (e.started_at is None, e.started_at, e.direction, e.position))
+        return StepExecutionOutputSerializer(rows, many=True).data
+
+
+class SagaStateFilterSerializer(serializers.Serializer):
+    state = serializers.ChoiceField(choices=SagaState.choices, required=False)
+
+
+class SagaListApi(ListAPIView):
+    permission_classes = [IsAdminUser]
+    serializer_class = SagaOutputSerializer
+
+    @extend_schema(parameters=[OpenApiParameter("state", enum=SagaState.values)])
+    def get(self, request, *args, **kwargs):
+        return super().get(request, *args, **kwargs)
+
+    def get_queryset(self):
+        filters = SagaStateFilterSerializer(data=self.request.query_params)
+        filters.is_valid(raise_exception=True)
+        queryset = SagaInstance.objects.prefetch_related("steps").order_by("-created_at")
+        if "state" in filters.validated_data:
+            queryset = queryset.filter(state=filters.validated_data["state"])
+        return queryset
+
+
+class SagaDetailApi(APIView):
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(responses=SagaOutputSerializer)
+    def get(self, request, saga_id):
+        saga = get_object_or_404(SagaInstance.objects.prefetch_related("steps"), pk=saga_id)
+        return Response(SagaOutputSerializer(saga).data)
+
+
+class SagaRetryApi(APIView):
+    """Give a FAILED saga's compensations a fresh budget (202), or 409 if it is not FAILED."""
+
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(request=None, responses={202: SagaOutputSerializer})
+    def post(self, request, saga_id):
+        get_object_or_404(SagaInstance, pk=saga_id)
+        try:
+            saga = saga_retry_compensation(saga_id=saga_id)
+        except SagaStateConflict as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+        return Response(SagaOutputSerializer(saga).data, status=status.HTTP_202_ACCEPTED)
+
+
+class SagaAbortApi(APIView):
+    """Abort a running saga: it compensates (202). 409 when it already COMPLETED."""
+
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(request=None, responses={202: SagaOutputSerializer})
+    def post(self, request, saga_id):
+        get_object_or_404(SagaInstance, pk=saga_id)
+        try:
+            saga = saga_abort(saga_id=saga_id, reason=f"aborted by {request.user.get_username()}")
+        except SagaStateConflict as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+        return Response(SagaOutputSerializer(saga).data, status=status.HTTP_202_ACCEPTED)

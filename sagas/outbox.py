@@ -1,0 +1,43 @@
+"""The transactional outbox: emit an event in the same transaction as the change that caused it.
+
+    with transaction.atomic():
+        order.status = "confirmed"; order.save()
+        outbox_emit(aggregate_type="order", aggregate_id=order.id, event_type="ORDER_CONFIRMED", payload={...})
+
+If the transaction commits, the event is there to publish; if it rolls back, so does the event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from django.db import connection
+from django.utils import timezone
+
+from sagas.models import OutboxEvent
+
+
+class OutsideTransaction(RuntimeError):
+    """outbox_emit was called outside transaction.atomic: the event could commit without the change."""
+
+
+def outbox_emit(
+    *,
+    aggregate_type: str,
+    aggregate_id: Any,
+    event_type: str,
+    payload: Mapping[str, Any],
+    now: datetime | None = None,
+) -> OutboxEvent:
+    """Record an event to publish. Must run inside transaction.atomic; raises OutsideTransaction."""
+    if not connection.in_atomic_block:
+        raise OutsideTransaction(f"{event_type} for {aggregate_type}:{aggregate_id} must be emitted inside transaction.atomic")
+    return OutboxEvent.objects.create(
+        aggregate_type=aggregate_type,
+        aggregate_id=str(aggregate_id),
+        event_type=event_type,
+        payload=dict(payload),
+        created_at=now or timezone.now(),
+    )

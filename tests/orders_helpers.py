@@ -1,0 +1,49 @@
+"""Building shop data through the real services, and checking the shop's invariants."""
+
+from decimal import Decimal
+
+from django.contrib.auth import get_user_model
+from django.db.models import Sum
+
+from inventory.models import Product, Reservation, ReservationStatus, Stock
+from inventory.services import product_create
+from orders.models import Order, OrderStatus
+from orders.services import LineRequest, order_place
+from payments.models import Payment, Refund
+
+
+def a_user(username: str = "alice", *, staff: bool = False):
+    user, _ = get_user_model().objects.get_or_create(username=username, defaults={"is_staff": staff})
+    return user
+
+
+def a_product(sku: str = "SKU-1", *, price: str = "10.00", on_hand: int = 100) -> Product:
+    return product_create(sku=sku, name=f"Product {sku}", price=Decimal(price), on_hand=on_hand)
+
+
+def an_order(*, user=None, lines=(("SKU-1", 2),), payment_method: str = "pm_ok", key: str | None = None) -> Order:
+    user = user or a_user()
+    key = key or f"key-{Order.objects.count()}-{payment_method}"
+    return order_place(
+        owner=user, lines=[LineRequest(sku, qty) for sku, qty in lines], payment_method=payment_method, idempotency_key=key
+    ).order
+
+
+def charged_minus_refunded(order: Order) -> Decimal:
+    charged = Payment.objects.filter(reference=str(order.id)).aggregate(s=Sum("amount"))["s"] or Decimal("0")
+    refunded = Refund.objects.filter(payment__reference=str(order.id)).aggregate(s=Sum("amount"))["s"] or Decimal("0")
+    return charged - refunded
+
+
+def assert_shop_invariants() -> None:
+    """Stock reserved == units held by live reservations; money per order matches its status."""
+    for stock in Stock.objects.all():
+        held = Reservation.objects.filter(product_id=stock.product_id, status=ReservationStatus.RESERVED).aggregate(
+            s=Sum("quantity")
+        )["s"] or 0
+        assert stock.reserved == held, f"{stock}: reservations hold {held}"
+        assert 0 <= stock.reserved <= stock.on_hand
+    for order in Order.objects.all():
+        expected = order.total if order.status == OrderStatus.CONFIRMED else Decimal("0")
+        if order.status != OrderStatus.PENDING:
+            assert charged_minus_refunded(order) == expected, f"order {order.id} {order.status}: money off"
