@@ -20,9 +20,11 @@ migrate: install
 
 # web (Django dev server), celery worker and celery beat together, until Ctrl-C.
 run: migrate
+	$(PY) manage.py seed_demo
 	@echo ""
 	@echo "  chainsaga is starting:"
 	@echo "    web    http://127.0.0.1:$(PORT)/"
+	@echo "    api    http://127.0.0.1:$(PORT)/api/docs/"
 	@echo "    admin  http://127.0.0.1:$(PORT)/admin/"
 	@echo "    broker $$($(PY) -c 'import os; os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local"); import django; django.setup(); from django.conf import settings; from kombu.utils.url import maybe_sanitize_url; print(maybe_sanitize_url(settings.CELERY_BROKER_URL))')"
 	@echo ""

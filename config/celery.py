@@ -4,6 +4,8 @@ import os
 
 from celery import Celery
 
+import config.broker  # noqa: F401 - registers the embedded broker's URL prefix
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 
 app = Celery("chainsaga")

@@ -75,16 +75,11 @@ def database(url: str | None, *, sqlite_file: Path) -> dict:
 
 def broker_url(url: str | None, *, sqlite_file: Path) -> str:
     """The Celery broker URL, or Celery's SQLAlchemy transport on a SQLite file when empty."""
-    return url or f"sqla+sqlite:///{sqlite_file}"
+    return url or f"sqla-fast+sqlite:///{sqlite_file}"  # config.broker
 
 
 def is_sqlalchemy_broker(url: str) -> bool:
-    return url.startswith(("sqla+", "sqlalchemy+"))
-
-
-def broker_transport(url: str) -> str | None:
-    """Our faster-polling subclass for the embedded SQLAlchemy broker; the URL's own otherwise."""
-    return "config.broker:Transport" if is_sqlalchemy_broker(url) else None
+    return url.startswith(("sqla+", "sqlalchemy+", "sqla-fast+"))
 
 
 def broker_transport_options(url: str, *, visibility_timeout: int) -> dict:

@@ -45,7 +45,7 @@ def flush_broker() -> None:
     else:
         from sqlalchemy import create_engine, text
 
-        engine = create_engine(url.split("+", 1)[1])
+        engine = create_engine(url.split("+", 1)[1])  # the SQLAlchemy URL behind the transport prefix
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM kombu_message"))
         engine.dispose()

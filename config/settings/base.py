@@ -5,7 +5,6 @@ from datetime import timedelta
 from config.env import (
     BASE_DIR,
     VAR_DIR,
-    broker_transport,
     broker_transport_options,
     broker_url,
     database,
@@ -103,7 +102,6 @@ CELERY_TIMEZONE = "UTC"
 # still running; sagas.definition refuses a step that breaks this.
 SAGAS_VISIBILITY_TIMEOUT = env_int("SAGAS_VISIBILITY_TIMEOUT", 3600)
 CELERY_BROKER_TRANSPORT_OPTIONS = broker_transport_options(CELERY_BROKER_URL, visibility_timeout=SAGAS_VISIBILITY_TIMEOUT)
-CELERY_BROKER_TRANSPORT = broker_transport(CELERY_BROKER_URL)
 
 SAGAS_SWEEP_INTERVAL = env_float("SAGAS_SWEEP_INTERVAL", 10.0)
 CELERY_BEAT_SCHEDULE = {

@@ -7,7 +7,7 @@ import socket
 
 from django.core.exceptions import ImproperlyConfigured
 
-from config.env import VAR_DIR, broker_transport, broker_transport_options, broker_url, database, env_str
+from config.env import VAR_DIR, broker_transport_options, broker_url, database, env_str
 from config.settings.base import *  # noqa: F403
 from config.settings.base import INSTALLED_APPS
 
@@ -48,7 +48,6 @@ CHAINSAGA_TEST_BACKEND = TEST_BACKEND
 # that kills a whole worker does not wait for it: the sweeper re-drives the saga first.
 SAGAS_VISIBILITY_TIMEOUT = int(os.environ.get("SAGAS_VISIBILITY_TIMEOUT", "300"))
 CELERY_BROKER_TRANSPORT_OPTIONS = broker_transport_options(CELERY_BROKER_URL, visibility_timeout=SAGAS_VISIBILITY_TIMEOUT)
-CELERY_BROKER_TRANSPORT = broker_transport(CELERY_BROKER_URL)
 SAGAS_FAULT_INJECTION = True
 SAGAS_STUCK_GRACE = float(os.environ.get("SAGAS_STUCK_GRACE", "1.0"))
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
