@@ -1,36 +1,186 @@
-"""Read-only admin for the saga log: the log is written only by the engine."""
+"""Admin for the saga log: read-only, because the log is written only by the engine.
 
-from django.contrib import admin
+Operators act on sagas through two actions that call the engine's services (retry a FAILED saga's
+compensation, abort a running saga); nothing in the admin writes a saga row itself.
 
-from sagas.models import Fault, SagaInstance, StepExecution
+Also home to the small helpers the domain apps' admins share (the read-only mixin, the state
+badges and the timeline table): they depend on the engine, never the reverse.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.contrib import admin, messages
+from django.db.models import F, QuerySet
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
+
+from sagas.exceptions import SagaStateConflict
+from sagas.models import ACTIVE_STATES, Fault, SagaInstance, SagaState, StepExecution, StepState
+from sagas.services import saga_abort, saga_retry_compensation
+
+GREEN, RED, AMBER, GREY, BLUE = "#2e7d32", "#c62828", "#ef8f00", "#757575", "#1565c0"
+
+STATE_COLOURS = {
+    StepState.PENDING: GREY,
+    StepState.RUNNING: AMBER,
+    StepState.RETRYING: AMBER,
+    StepState.COMPLETED: GREEN,
+    StepState.FAILED: RED,
+    SagaState.COMPENSATING: AMBER,
+    SagaState.COMPENSATED: BLUE,  # undone as designed: not an error, not a success either
+}
 
 
-class StepExecutionInline(admin.TabularInline):
-    model = StepExecution
-    extra = 0
-    can_delete = False
-    ordering = ["started_at", "direction", "position"]
-    fields = ["direction", "name", "state", "attempts", "deliveries", "started_at", "finished_at", "last_error"]
-    readonly_fields = fields
+def state_badge(state: str, colours: dict[str, str] = STATE_COLOURS) -> SafeString:
+    """`state` as a coloured label (unknown states are grey)."""
+    return format_html(
+        '<span class="state-badge" style="background:{};color:#fff;padding:1px 6px;border-radius:3px;'
+        'font-weight:bold;white-space:nowrap">{}</span>',
+        colours.get(state, GREY),
+        state,
+    )
+
+
+def timeline_rows(saga: SagaInstance) -> list[StepExecution]:
+    """Every step and compensation of the saga in the order they started (not started yet: last)."""
+    return sorted(saga.steps.all(), key=lambda e: (e.started_at is None, e.started_at, e.direction, e.position))
+
+
+def saga_timeline_table(saga: SagaInstance) -> SafeString:
+    """The saga's timeline as a read-only admin table, styled like a tabular inline (no JS)."""
+    rows = format_html_join(
+        "\n",
+        '<tr class="timeline-row state-{}"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>'
+        "<td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+        (
+            (
+                e.state.lower(),
+                e.direction,
+                e.name,
+                state_badge(e.state),
+                e.attempts,
+                e.deliveries,
+                _when(e.started_at),
+                _when(e.finished_at),
+                e.last_error or "-",
+                e.position,
+            )
+            for e in timeline_rows(saga)
+        ),
+    )
+    return format_html(
+        '<div class="inline-group" id="saga-timeline"><div class="tabular inline-related last-related">'
+        '<fieldset class="module"><h2>Saga timeline: {} {}</h2><table><thead><tr>'
+        "<th>Direction</th><th>Step</th><th>State</th><th>Attempts</th><th>Deliveries</th>"
+        "<th>Started</th><th>Finished</th><th>Error</th><th>Position</th>"
+        "</tr></thead><tbody>{}</tbody></table></fieldset></div></div>",
+        saga.name,
+        state_badge(saga.state),
+        rows,
+    )
+
+
+def _when(moment) -> str:
+    # Milliseconds matter in a timeline: steps of one saga often run within the same second.
+    return timezone.localtime(moment).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if moment else "-"
+
+
+class ReadOnlyAdminMixin:
+    """View-only: rows change only through services, never through an admin form. Actions stay
+    available; each declares which permission it needs."""
 
     def has_add_permission(self, request, obj=None) -> bool:
         return False
 
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class OperatedAdminMixin:
+    """Actions with `permissions=["operate"]` need the model's Django "change" permission. The admin
+    form never changes the row (has_change_permission is False); the action calls a service."""
+
+    def has_operate_permission(self, request) -> bool:
+        opts = self.opts
+        return request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}")
+
+
+class StepExecutionInline(ReadOnlyAdminMixin, admin.TabularInline):
+    model = StepExecution
+    extra = 0
+    ordering = [F("started_at").asc(nulls_last=True), "direction", "position"]
+    fields = ["direction", "name", "coloured_state", "attempts", "deliveries", "started_at", "finished_at", "last_error"]
+    readonly_fields = fields
+    verbose_name_plural = "timeline (steps and compensations, in the order they started)"
+
+    @admin.display(description="state", ordering="state")
+    def coloured_state(self, execution: StepExecution) -> SafeString:
+        return state_badge(execution.state)
+
+
+class StuckForFilter(admin.SimpleListFilter):
+    """Active sagas (PENDING, RUNNING, COMPENSATING) with no recorded progress for N minutes."""
+
+    title = "stuck for more than"
+    parameter_name = "stuck_for"
+    MINUTES = (5, 15, 60)
+
+    def lookups(self, request, model_admin):
+        return [(str(minutes), f"{minutes} minutes") for minutes in self.MINUTES]
+
+    def queryset(self, request, queryset: QuerySet[SagaInstance]) -> QuerySet[SagaInstance]:
+        minutes = self.minutes()
+        if minutes is None:
+            return queryset
+        return queryset.filter(state__in=ACTIVE_STATES, updated_at__lt=timezone.now() - timedelta(minutes=minutes))
+
+    def minutes(self) -> int | None:
+        value = self.value()
+        return int(value) if value in {str(m) for m in self.MINUTES} else None
+
 
 @admin.register(SagaInstance)
-class SagaInstanceAdmin(admin.ModelAdmin):
-    list_display = ["id", "name", "version", "state", "created_at", "updated_at", "redrives"]
-    list_filter = ["state", "name"]
+class SagaInstanceAdmin(OperatedAdminMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["id", "name", "version", "coloured_state", "created_at", "updated_at", "finished_at", "redrives"]
+    list_filter = ["state", "name", StuckForFilter]
     search_fields = ["id", "idempotency_key"]
     date_hierarchy = "created_at"
     inlines = [StepExecutionInline]
     readonly_fields = [f.name for f in SagaInstance._meta.fields]
+    actions = ["retry_compensation", "abort"]
 
-    def has_add_permission(self, request) -> bool:
-        return False
+    @admin.display(description="state", ordering="state")
+    def coloured_state(self, saga: SagaInstance) -> SafeString:
+        return state_badge(saga.state)
 
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
+    @admin.action(description="Retry compensation of selected FAILED sagas", permissions=["operate"])
+    def retry_compensation(self, request, queryset: QuerySet[SagaInstance]) -> None:
+        for saga_id in queryset.order_by("created_at").values_list("pk", flat=True):
+            try:
+                saga = saga_retry_compensation(saga_id=saga_id)
+            except SagaStateConflict as exc:
+                self.message_user(request, str(exc), messages.WARNING)
+                continue
+            self.message_user(request, f"saga {saga.id}: compensation retried, now {saga.state}", messages.SUCCESS)
+
+    @admin.action(description="Abort selected sagas (compensate what they completed)", permissions=["operate"])
+    def abort(self, request, queryset: QuerySet[SagaInstance]) -> None:
+        for saga_id, before in queryset.order_by("created_at").values_list("pk", "state"):
+            try:
+                saga = saga_abort(saga_id=saga_id, reason=f"aborted by {request.user.get_username()} in the admin")
+            except SagaStateConflict as exc:
+                self.message_user(request, str(exc), messages.WARNING)
+                continue
+            if before in (SagaState.PENDING, SagaState.RUNNING):
+                self.message_user(request, f"saga {saga.id}: aborted, now {saga.state}", messages.SUCCESS)
+            else:
+                self.message_user(request, f"saga {saga.id} was already {before}: left unchanged", messages.INFO)
 
 
 @admin.register(Fault)

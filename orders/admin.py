@@ -1,0 +1,88 @@
+"""Admin for orders: view them with their items and their saga's timeline, cancel them through
+the order service. Money, status and the saga link are never edited here."""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.urls import reverse
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+from orders.models import Order, OrderItem, OrderStatus
+from orders.services import OrderNotCancellable, order_cancel
+from sagas.admin import AMBER, GREEN, GREY, OperatedAdminMixin, ReadOnlyAdminMixin, saga_timeline_table, state_badge
+from sagas.exceptions import SagaNotFound
+from sagas.models import SagaInstance
+
+ORDER_COLOURS = {OrderStatus.PENDING: AMBER, OrderStatus.CONFIRMED: GREEN, OrderStatus.CANCELLED: GREY}
+
+
+class OrderItemInline(ReadOnlyAdminMixin, admin.TabularInline):
+    model = OrderItem
+    extra = 0
+    fields = ["sku", "product", "quantity", "unit_price", "line_total"]
+    readonly_fields = fields
+
+
+@admin.register(Order)
+class OrderAdmin(OperatedAdminMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["id", "owner", "coloured_status", "total", "currency", "flow", "created_at", "saga_state"]
+    list_filter = ["status", "flow", ("created_at", admin.DateFieldListFilter)]
+    search_fields = ["id", "owner__username"]
+    date_hierarchy = "created_at"
+    list_select_related = ["owner", "saga"]
+    inlines = [OrderItemInline]
+    actions = ["cancel_selected"]
+    fieldsets = [
+        (None, {"fields": ["id", "owner", "status", "total", "currency", "payment_method", "flow"]}),
+        ("Saga", {"fields": ["saga_link", "cancel_reason"]}),
+        ("Dates", {"fields": ["created_at", "updated_at"]}),
+    ]
+    # Everything is read-only even for a user granted "change order": only services change orders.
+    readonly_fields = [*(f.name for f in Order._meta.fields), "saga_link"]
+
+    @admin.display(description="status", ordering="status")
+    def coloured_status(self, order: Order) -> SafeString:
+        return state_badge(order.status, ORDER_COLOURS)
+
+    @admin.display(description="saga", ordering="saga__state")
+    def saga_state(self, order: Order) -> SafeString | str:
+        return state_badge(order.saga.state) if order.saga_id else "-"
+
+    @admin.display(description="saga")
+    def saga_link(self, order: Order) -> SafeString | str:
+        if not order.saga_id:
+            return "-"
+        url = reverse("admin:sagas_sagainstance_change", args=[order.saga_id])
+        return format_html('<a href="{}">{}</a> {}', url, order.saga_id, state_badge(order.saga.state))
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        saga = SagaInstance.objects.prefetch_related("steps").filter(pk=obj.saga_id).first() if obj else None
+        context["saga_timeline"] = saga_timeline_table(saga) if saga else ""
+        return super().render_change_form(request, context, add=add, change=change, form_url=form_url, obj=obj)
+
+    @admin.action(description="Cancel selected orders", permissions=["operate"])
+    def cancel_selected(self, request, queryset: QuerySet[Order]) -> None:
+        for order in queryset.order_by("created_at"):
+            was_cancelled = order.status == OrderStatus.CANCELLED
+            try:
+                order = order_cancel(order=order)
+            except OrderNotCancellable as exc:
+                self.message_user(request, str(exc), messages.WARNING)
+                continue
+            except SagaNotFound as exc:
+                self.message_user(request, f"order {order.id}: {exc}", messages.ERROR)
+                continue
+            if was_cancelled:
+                self.message_user(request, f"order {order.id} was already cancelled", messages.INFO)
+            elif order.status == OrderStatus.CANCELLED:
+                self.message_user(request, f"order {order.id} cancelled", messages.SUCCESS)
+            else:
+                saga_state = SagaInstance.objects.values_list("state", flat=True).get(pk=order.saga_id)
+                self.message_user(
+                    request,
+                    f"order {order.id}: cancellation started, its saga is {saga_state}; the order is cancelled "
+                    "once the compensations have run",
+                    messages.SUCCESS,
+                )
