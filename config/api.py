@@ -5,6 +5,7 @@ import logging
 from django.db import DatabaseError, connection
 from drf_spectacular.utils import extend_schema, inline_serializer
 from kombu.exceptions import OperationalError as BrokerError
+from kombu.transport.virtual import Transport as VirtualTransport
 from rest_framework import serializers, status
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
@@ -49,9 +50,15 @@ def _check_database() -> str:
 def _check_broker() -> str:
     from config.celery import app
 
+    conn = app.connection_for_write()
     try:
-        with app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
+        conn.ensure_connection(max_retries=1, timeout=2)
+        if isinstance(conn.transport, VirtualTransport):
+            # Virtual transports (Redis, the embedded SQLAlchemy broker) connect lazily: the
+            # SQLAlchemy one "connects" to a database it cannot open. Only a query proves it answers.
+            conn.default_channel.queue_declare(queue=app.conf.task_default_queue)
         return "ok"
-    except (BrokerError, OSError) as exc:
+    except (BrokerError, OSError, *conn.connection_errors, *conn.channel_errors) as exc:
         return f"error: {type(exc).__name__}: {exc}"
+    finally:
+        conn.release()

@@ -15,6 +15,7 @@ from orders.services import (
     LineRequest,
     MixedCurrencies,
     OrderNotCancellable,
+    OrderTooLarge,
     UnknownProducts,
     order_cancel,
     order_place,
@@ -131,7 +132,7 @@ class OrderListCreateApi(ListAPIView):
             )
         except UnknownProducts as exc:
             raise ValidationError({"items": [f"unknown sku: {sku}" for sku in exc.skus]}) from None
-        except MixedCurrencies as exc:
+        except (MixedCurrencies, OrderTooLarge) as exc:
             raise ValidationError({"items": [str(exc)]}) from None
         except IdempotencyKeyReused as exc:
             return Response({IDEMPOTENCY_HEADER: [str(exc)]}, status=status.HTTP_422_UNPROCESSABLE_ENTITY)

@@ -40,6 +40,10 @@ class MixedCurrencies(OrderError):
     pass
 
 
+class OrderTooLarge(OrderError):
+    """The total does not fit the money columns (Order.total, Payment.amount)."""
+
+
 class IdempotencyKeyReused(OrderError):
     """The key was used before with a different request body."""
 
@@ -80,7 +84,7 @@ def order_place(
     """Create a pending order priced from the catalogue and start its saga, once per
     (owner, idempotency_key). The same key with the same request returns the first order
     (replayed=True). Raises IdempotencyKeyReused, IdempotencyKeyInFlight, UnknownProducts,
-    MixedCurrencies."""
+    MixedCurrencies, OrderTooLarge."""
     now = now or timezone.now()
     fingerprint = _fingerprint(lines, payment_method, flow)
     record, replay = _claim_key(owner=owner, key=idempotency_key, fingerprint=fingerprint, now=now)
@@ -126,6 +130,9 @@ def _order_create(*, owner, lines: Sequence[LineRequest], payment_method: str, f
     if len(currencies) != 1:
         raise MixedCurrencies(f"all items must share one currency, got {', '.join(sorted(currencies))}")
     total = sum((products[line.sku].price * line.quantity for line in lines), Decimal("0.00"))
+    total_field = Order._meta.get_field("total")
+    if total >= Decimal(10) ** (total_field.max_digits - total_field.decimal_places):
+        raise OrderTooLarge(f"the order total {total} is more than one order may come to")
     order = Order.objects.create(
         owner=owner,
         total=total,
@@ -204,9 +211,12 @@ def order_mark_cancelled(*, order_id: UUID | str, reason: str, now: datetime) ->
     return order
 
 
+@transaction.atomic
 def order_cancel(*, order: Order, now: datetime | None = None) -> Order:
     """Ask for a pending order to be cancelled: its saga is aborted and compensates. Returns the
-    order (still pending while compensation runs). Raises OrderNotCancellable."""
+    order (still pending while compensation runs; cancelled at once when the saga had not yet
+    accepted it). Raises OrderNotCancellable."""
+    now = now or timezone.now()
     if order.status == OrderStatus.CANCELLED:
         return order
     if order.status == OrderStatus.CONFIRMED:
@@ -217,6 +227,11 @@ def order_cancel(*, order: Order, now: datetime | None = None) -> Order:
         raise OrderNotCancellable(f"order {order.id} was confirmed meanwhile and can no longer be cancelled") from None
     if saga.state == SagaState.FAILED:
         raise OrderNotCancellable(f"order {order.id} is being undone and needs an operator (saga {saga.id} FAILED)")
+    if saga.state == SagaState.COMPENSATED:
+        # The order row is written before the saga's first step runs. Aborted before create_order
+        # completed, the saga has nothing to compensate, so cancel_order never runs: the saga is
+        # over and nothing else will ever release the order from pending, so do it here.
+        return order_mark_cancelled(order_id=order.id, reason=saga.failure_reason, now=now)
     order.refresh_from_db()
     return order
 

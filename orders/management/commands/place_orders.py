@@ -1,5 +1,6 @@
 """Place many orders through the same service as the API, wait for their sagas, report."""
 
+import logging
 import random
 import time
 import uuid
@@ -46,7 +47,9 @@ class Command(BaseCommand):
         parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the sagas")
         parser.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable run")
 
-    def handle(self, *args, count, mix, flow, user, timeout, seed, **options):
+    def handle(self, *args, count, mix, flow, user, timeout, seed, verbosity, **options):
+        if verbosity < 2:
+            logging.getLogger("sagas").setLevel(logging.WARNING)  # one line per saga would hide the progress
         if count < 1:
             raise CommandError("--count must be at least 1")
         try:
