@@ -7,7 +7,11 @@ from drf_spectacular.utils import extend_schema, inline_serializer
 from kombu.exceptions import OperationalError as BrokerError
 from kombu.transport.virtual import Transport as VirtualTransport
 from rest_framework import serializers, status
+from django.http import JsonResponse
+from django.views.defaults import page_not_found
+from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.permissions import AllowAny
+from rest_framework.throttling import AnonRateThrottle
 from rest_framework.response import Response
 from rest_framework.views import APIView
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -62,3 +66,16 @@ def _check_broker() -> str:
         return f"error: {type(exc).__name__}: {exc}"
     finally:
         conn.release()
+
+
+class TokenApi(ObtainAuthToken):
+    """POST {username, password} -> {token}. Throttled per client address against password guessing."""
+
+    throttle_classes = [AnonRateThrottle]
+
+
+def not_found(request, exception):
+    """A JSON 404 under /api/ (e.g. an order id that is not a UUID); Django's page elsewhere."""
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": "Not found."}, status=404)
+    return page_not_found(request, exception)

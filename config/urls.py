@@ -2,15 +2,14 @@ from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
-from rest_framework.authtoken.views import ObtainAuthToken
 
-from config.api import HealthApi
+from config.api import HealthApi, TokenApi
 from inventory.api import ProductListApi
 from orders.api import OrderCancelApi, OrderDetailApi, OrderListCreateApi
 from sagas.api import SagaAbortApi, SagaDetailApi, SagaListApi, SagaRetryApi
 
 api = [
-    path("auth/token/", ObtainAuthToken.as_view(), name="api-token"),
+    path("auth/token/", TokenApi.as_view(), name="api-token"),
     path("health/", HealthApi.as_view(), name="api-health"),
     path("products/", ProductListApi.as_view(), name="api-products"),
     path("orders/", OrderListCreateApi.as_view(), name="api-orders"),
@@ -29,3 +28,5 @@ urlpatterns = [
     path("api/", include(api)),
     path("", RedirectView.as_view(url="/api/docs/", permanent=False)),
 ]
+
+handler404 = "config.api.not_found"

@@ -16,7 +16,9 @@ from orders.services import (
     MixedCurrencies,
     OrderNotCancellable,
     OrderTooLarge,
+    SUPPORTED_FLOWS,
     UnknownProducts,
+    UnsupportedFlow,
     order_cancel,
     order_place,
 )
@@ -50,7 +52,7 @@ class OrderPlaceInputSerializer(serializers.Serializer):
 
     items = LineInputSerializer(many=True, allow_empty=False, max_length=MAX_ITEMS)
     payment_method = serializers.ChoiceField(choices=PAYMENT_METHODS)
-    flow = serializers.ChoiceField(choices=Flow.choices, default=Flow.ORCHESTRATED)
+    flow = serializers.ChoiceField(choices=SUPPORTED_FLOWS, default=Flow.ORCHESTRATED)
 
     def validate_items(self, items):
         skus = [item["sku"] for item in items]
@@ -134,6 +136,8 @@ class OrderListCreateApi(ListAPIView):
             raise ValidationError({"items": [f"unknown sku: {sku}" for sku in exc.skus]}) from None
         except (MixedCurrencies, OrderTooLarge) as exc:
             raise ValidationError({"items": [str(exc)]}) from None
+        except UnsupportedFlow as exc:
+            raise ValidationError({"flow": [str(exc)]}) from None
         except IdempotencyKeyReused as exc:
             return Response({IDEMPOTENCY_HEADER: [str(exc)]}, status=status.HTTP_422_UNPROCESSABLE_ENTITY)
         except IdempotencyKeyInFlight as exc:

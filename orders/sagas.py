@@ -1,6 +1,7 @@
 """The place-order saga, orchestrated: each step is one service call, undone newest-first."""
 
 from sagas import Retry, Saga, Step, StepContext
+from sagas.models import SagaState
 
 from inventory.services import stock_release, stock_reserve
 from orders.models import Order
@@ -50,6 +51,13 @@ def notify_fulfillment(ctx: StepContext) -> None:
     order_confirm(order_id=ctx.input["order_id"], now=ctx.now)
 
 
+def release_order(saga) -> None:
+    """However the saga was undone (a failed step, a cancel, an operator abort, even before
+    create_order ran), a COMPENSATED saga leaves its order cancelled, never pending."""
+    if saga.state == SagaState.COMPENSATED:
+        order_mark_cancelled(order_id=saga.input["order_id"], reason=saga.failure_reason, now=saga.updated_at)
+
+
 def _why(ctx: StepContext) -> str:
     from sagas.models import SagaInstance
 
@@ -62,4 +70,4 @@ place_order = Saga("place_order", version=1, steps=[
     Step("process_payment", action=process_payment, compensation=refund_payment,
          retry=Retry(max_attempts=5, backoff=0.5, max_delay=5.0, non_retryable=(PaymentFailed,))),
     Step("notify_fulfillment", action=notify_fulfillment),
-])
+], on_finish=release_order)

@@ -22,6 +22,9 @@ from sagas.models import SagaState
 from sagas.outbox import outbox_emit
 from sagas.services import saga_abort
 
+# The choreographed flow (services reacting to each other's events) comes with the outbox relay.
+SUPPORTED_FLOWS = (Flow.ORCHESTRATED,)
+
 # A request that claimed a key and then vanished (process killed) stops blocking the key after this.
 IN_FLIGHT_EXPIRY = timedelta(seconds=60)
 
@@ -37,6 +40,10 @@ class UnknownProducts(OrderError):
 
 
 class MixedCurrencies(OrderError):
+    pass
+
+
+class UnsupportedFlow(OrderError):
     pass
 
 
@@ -84,8 +91,10 @@ def order_place(
     """Create a pending order priced from the catalogue and start its saga, once per
     (owner, idempotency_key). The same key with the same request returns the first order
     (replayed=True). Raises IdempotencyKeyReused, IdempotencyKeyInFlight, UnknownProducts,
-    MixedCurrencies, OrderTooLarge."""
+    MixedCurrencies, OrderTooLarge, UnsupportedFlow."""
     now = now or timezone.now()
+    if flow not in SUPPORTED_FLOWS:
+        raise UnsupportedFlow(f"flow {flow!r} is not available yet; use one of {', '.join(SUPPORTED_FLOWS)}")
     fingerprint = _fingerprint(lines, payment_method, flow)
     record, replay = _claim_key(owner=owner, key=idempotency_key, fingerprint=fingerprint, now=now)
     if replay is not None:
@@ -214,9 +223,8 @@ def order_mark_cancelled(*, order_id: UUID | str, reason: str, now: datetime) ->
 @transaction.atomic
 def order_cancel(*, order: Order, now: datetime | None = None) -> Order:
     """Ask for a pending order to be cancelled: its saga is aborted and compensates. Returns the
-    order (still pending while compensation runs; cancelled at once when the saga had not yet
-    accepted it). Raises OrderNotCancellable."""
-    now = now or timezone.now()
+    order (still pending while compensation runs; cancelled at once when the saga had nothing to
+    undo). Raises OrderNotCancellable."""
     if order.status == OrderStatus.CANCELLED:
         return order
     if order.status == OrderStatus.CONFIRMED:
@@ -227,11 +235,6 @@ def order_cancel(*, order: Order, now: datetime | None = None) -> Order:
         raise OrderNotCancellable(f"order {order.id} was confirmed meanwhile and can no longer be cancelled") from None
     if saga.state == SagaState.FAILED:
         raise OrderNotCancellable(f"order {order.id} is being undone and needs an operator (saga {saga.id} FAILED)")
-    if saga.state == SagaState.COMPENSATED:
-        # The order row is written before the saga's first step runs. Aborted before create_order
-        # completed, the saga has nothing to compensate, so cancel_order never runs: the saga is
-        # over and nothing else will ever release the order from pending, so do it here.
-        return order_mark_cancelled(order_id=order.id, reason=saga.failure_reason, now=now)
     order.refresh_from_db()
     return order
 

@@ -19,6 +19,7 @@ from django.utils.safestring import SafeString
 
 from sagas.exceptions import SagaStateConflict
 from sagas.models import ACTIVE_STATES, Fault, SagaInstance, SagaState, StepExecution, StepState
+from sagas.selectors import saga_timeline
 from sagas.services import saga_abort, saga_retry_compensation
 
 GREEN, RED, AMBER, GREY, BLUE = "#2e7d32", "#c62828", "#ef8f00", "#757575", "#1565c0"
@@ -44,11 +45,6 @@ def state_badge(state: str, colours: dict[str, str] = STATE_COLOURS) -> SafeStri
     )
 
 
-def timeline_rows(saga: SagaInstance) -> list[StepExecution]:
-    """Every step and compensation of the saga in the order they started (not started yet: last)."""
-    return sorted(saga.steps.all(), key=lambda e: (e.started_at is None, e.started_at, e.direction, e.position))
-
-
 def saga_timeline_table(saga: SagaInstance) -> SafeString:
     """The saga's timeline as a read-only admin table, styled like a tabular inline (no JS)."""
     rows = format_html_join(
@@ -68,7 +64,7 @@ def saga_timeline_table(saga: SagaInstance) -> SafeString:
                 e.last_error or "-",
                 e.position,
             )
-            for e in timeline_rows(saga)
+            for e in saga_timeline(saga)
         ),
     )
     return format_html(

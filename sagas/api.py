@@ -10,6 +10,7 @@ from rest_framework.views import APIView
 
 from sagas.exceptions import SagaStateConflict
 from sagas.models import SagaInstance, SagaState
+from sagas.selectors import saga_timeline
 from sagas.services import saga_abort, saga_retry_compensation
 
 
@@ -39,8 +40,7 @@ class SagaOutputSerializer(serializers.Serializer):
     @extend_schema_field(StepExecutionOutputSerializer(many=True))
     def get_steps(self, saga) -> list[dict]:
         """The timeline: every step and compensation in the order they started."""
-        rows = sorted(saga.steps.all(), key=lambda e: (e.started_at is None, e.started_at, e.direction, e.position))
-        return StepExecutionOutputSerializer(rows, many=True).data
+        return StepExecutionOutputSerializer(saga_timeline(saga), many=True).data
 
 
 class SagaStateFilterSerializer(serializers.Serializer):
@@ -73,6 +73,16 @@ class SagaDetailApi(APIView):
         return Response(SagaOutputSerializer(saga).data)
 
 
+def _operate(saga_id, operation) -> Response:
+    """Run an operator action on a saga: 202 with the saga, 404 if unknown, 409 if its state forbids it."""
+    get_object_or_404(SagaInstance, pk=saga_id)
+    try:
+        saga = operation()
+    except SagaStateConflict as exc:
+        return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+    return Response(SagaOutputSerializer(saga).data, status=status.HTTP_202_ACCEPTED)
+
+
 class SagaRetryApi(APIView):
     """Give a FAILED saga's compensations a fresh budget (202), or 409 if it is not FAILED."""
 
@@ -80,12 +90,7 @@ class SagaRetryApi(APIView):
 
     @extend_schema(request=None, responses={202: SagaOutputSerializer})
     def post(self, request, saga_id):
-        get_object_or_404(SagaInstance, pk=saga_id)
-        try:
-            saga = saga_retry_compensation(saga_id=saga_id)
-        except SagaStateConflict as exc:
-            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
-        return Response(SagaOutputSerializer(saga).data, status=status.HTTP_202_ACCEPTED)
+        return _operate(saga_id, lambda: saga_retry_compensation(saga_id=saga_id))
 
 
 class SagaAbortApi(APIView):
@@ -95,9 +100,5 @@ class SagaAbortApi(APIView):
 
     @extend_schema(request=None, responses={202: SagaOutputSerializer})
     def post(self, request, saga_id):
-        get_object_or_404(SagaInstance, pk=saga_id)
-        try:
-            saga = saga_abort(saga_id=saga_id, reason=f"aborted by {request.user.get_username()}")
-        except SagaStateConflict as exc:
-            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
-        return Response(SagaOutputSerializer(saga).data, status=status.HTTP_202_ACCEPTED)
+        reason = f"aborted by {request.user.get_username()}"
+        return _operate(saga_id, lambda: saga_abort(saga_id=saga_id, reason=reason))

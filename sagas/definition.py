@@ -132,6 +132,7 @@ class Saga:
         compensate_in_parallel: bool = False,
         continue_on_compensation_failure: bool = False,
         deadline: timedelta | None = None,
+        on_finish: Callable[[Any], None] | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -139,6 +140,9 @@ class Saga:
         self.compensate_in_parallel = compensate_in_parallel
         self.continue_on_compensation_failure = continue_on_compensation_failure
         self.deadline = deadline
+        # Called with the SagaInstance when it reaches COMPLETED, COMPENSATED or FAILED, inside
+        # the transaction that records that state; must be idempotent.
+        self.on_finish = on_finish
         self._by_name = {step.name: step for step in self.steps}
         self._validate()
         _register(self)

@@ -34,6 +34,7 @@ from sagas.services import (
     RUNS_FORWARD,
     saga_advance,
     saga_begin_compensation,
+    saga_finish,
     saga_finish_compensation_if_done,
     saga_touch,
 )
@@ -265,12 +266,10 @@ def _after_completion(saga: SagaInstance, definition: Saga, step: Step, directio
     if direction == FORWARD:
         position = definition.position(step.name)
         if position == len(definition.steps) - 1:
-            old, saga.state, saga.finished_at, saga.stuck_after = saga.state, SagaState.COMPLETED, now, None
-            saga.updated_at = now
-            transition(saga, old, saga.state)
+            saga_finish(saga, SagaState.COMPLETED, now=now)
         else:
             saga_touch(saga, now=now, expect_within=definition.steps[position + 1].timeout)
-        saga.save(update_fields=["state", "finished_at", "stuck_after", "updated_at"])
+            saga.save(update_fields=["state", "stuck_after", "updated_at"])
     else:
         saga_touch(saga, now=now, expect_within=step.timeout)
         saga.save(update_fields=["updated_at", "stuck_after"])

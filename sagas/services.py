@@ -172,7 +172,7 @@ def saga_advance(saga: SagaInstance, definition: Saga, *, now: datetime) -> None
             return
         pending = sorted((e for e in forward if e.state != StepState.COMPLETED), key=lambda e: e.position)
         if not pending:
-            _finish(saga, SagaState.COMPLETED, now=now)
+            saga_finish(saga, SagaState.COMPLETED, now=now)
             return
         position = pending[0].position
         transaction.on_commit(lambda: dispatch.send_forward(saga.id, definition, from_position=position))
@@ -180,7 +180,7 @@ def saga_advance(saga: SagaInstance, definition: Saga, *, now: datetime) -> None
         compensations = _newest_first(lock_steps(saga, COMPENSATE))
         failed = [e for e in compensations if e.state == StepState.FAILED]
         if failed and not _continues_past_failure(definition):
-            _finish(saga, SagaState.FAILED, now=now, reason=_compensation_failure(failed))
+            saga_finish(saga, SagaState.FAILED, now=now, reason=_compensation_failure(failed))
             return
         remaining = [e.name for e in compensations if e.state in UNFINISHED_STEP]
         if not remaining:
@@ -226,9 +226,9 @@ def saga_finish_compensation_if_done(saga: SagaInstance, *, now: datetime) -> No
         return
     failed = [e for e in compensations if e.state == StepState.FAILED]
     if failed:
-        _finish(saga, SagaState.FAILED, now=now, reason=_compensation_failure(failed))
+        saga_finish(saga, SagaState.FAILED, now=now, reason=_compensation_failure(failed))
     else:
-        _finish(saga, SagaState.COMPENSATED, now=now)
+        saga_finish(saga, SagaState.COMPENSATED, now=now)
 
 
 def saga_touch(saga: SagaInstance, *, now: datetime, expect_within: float) -> None:
@@ -237,13 +237,18 @@ def saga_touch(saga: SagaInstance, *, now: datetime, expect_within: float) -> No
     saga.stuck_after = _stuck_after(now, expect_within)
 
 
-def _finish(saga: SagaInstance, state: str, *, now: datetime, reason: str = "") -> None:
+def saga_finish(saga: SagaInstance, state: str, *, now: datetime, reason: str = "") -> None:
+    """Record a terminal state and run the definition's on_finish hook in the same transaction.
+    The caller holds the saga row lock."""
     if reason:
         saga.failure_reason = reason[:2000]
     _set_state(saga, state, now=now, detail=reason)
     saga.finished_at = now
     saga.stuck_after = None
     saga.save()
+    hook = _definition(saga).on_finish
+    if hook is not None:
+        hook(saga)
 
 
 def _set_state(saga: SagaInstance, state: str, *, now: datetime, detail: str = "") -> None:

@@ -813,3 +813,50 @@ def test_the_interactive_docs_are_served_as_html_without_auth():
     assert response["Content-Type"].startswith("text/html")
     assert b"swagger-ui" in response.content
 
+
+
+# --- gaps closed after review ----------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_a_staff_abort_before_the_saga_started_leaves_the_order_cancelled_not_pending():
+    a_product()
+    order = an_order()  # the saga's first message is never consumed: no worker in this test
+
+    response = api_as(a_user("ops", staff=True)).post(f"/api/sagas/{order.saga_id}/abort/")
+
+    assert response.status_code == 202, response.content
+    order.refresh_from_db()
+    assert (order.saga.state, order.status) == (SagaState.COMPENSATED, OrderStatus.CANCELLED)
+    assert order.cancel_reason == "aborted by ops"
+
+
+@pytest.mark.django_db
+def test_the_choreographed_flow_is_refused_with_a_400_naming_flow_until_it_exists():
+    a_product()
+
+    response = place(api_as(a_user()), an_order_body(flow="choreographed"))
+
+    assert response.status_code == 400
+    assert "flow" in response.json()
+    assert not Order.objects.exists()
+
+
+@pytest.mark.django_db
+def test_password_guessing_on_the_token_endpoint_is_throttled(low_throttle_rates):
+    a_user()
+    attempts = [
+        api_as().post("/api/auth/token/", {"username": "alice", "password": f"guess-{n}"}, format="json").status_code
+        for n in range(4)
+    ]
+
+    assert attempts == [400, 400, 400, 429]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/api/orders/not-a-uuid/", "/api/no-such-endpoint/"])
+def test_an_unknown_api_path_gets_a_json_404(path):
+    response = api_as(a_user()).get(path)
+
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not found."}

@@ -31,6 +31,7 @@ from django.db import connection
 
 from sagas.definition import FORWARD
 from sagas.models import TERMINAL_STATES, Fault, FaultKind, SagaInstance
+from sagas.selectors import saga_timeline
 
 __all__ = [
     "CeleryBeat",
@@ -81,7 +82,7 @@ def timeline(saga_id: UUID | str) -> str:
     """The saga log of one saga as text, in the order things happened."""
     saga = SagaInstance.objects.get(pk=saga_id)
     lines = [f"saga {saga.id} {saga.name} v{saga.version} {saga.state} {saga.failure_reason}".rstrip()]
-    for e in saga.steps.order_by("started_at", "direction", "position"):
+    for e in saga_timeline(saga):
         lines.append(
             f"  {e.direction:<10} {e.name:<24} {e.state:<9} attempts={e.attempts} deliveries={e.deliveries} "
             f"started={e.started_at and e.started_at.isoformat()} finished={e.finished_at and e.finished_at.isoformat()} "

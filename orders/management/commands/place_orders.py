@@ -12,7 +12,7 @@ from tqdm import tqdm
 from inventory.models import Product
 from orders.models import Flow, Order
 from orders.selectors import order_outcomes, shop_invariant_violations
-from orders.services import LineRequest, order_place
+from orders.services import SUPPORTED_FLOWS, LineRequest, order_place
 from sagas.models import TERMINAL_STATES, SagaInstance
 
 DEFAULT_MIX = "ok=70,declined=10,insufficient_funds=5,flaky=10,timeout=5"
@@ -42,7 +42,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--count", type=int, default=100)
         parser.add_argument("--mix", default=DEFAULT_MIX, help=f"payment methods and weights (default {DEFAULT_MIX})")
-        parser.add_argument("--flow", choices=Flow.values, default=Flow.ORCHESTRATED)
+        parser.add_argument("--flow", choices=SUPPORTED_FLOWS, default=Flow.ORCHESTRATED)
         parser.add_argument("--user", default="demo", help="the customer placing the orders (see seed_demo)")
         parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the sagas")
         parser.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable run")
