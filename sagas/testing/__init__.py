@@ -91,12 +91,15 @@ def timeline(saga_id: UUID | str) -> str:
     return "\n".join(lines)
 
 
-def purge_queues() -> int:
-    """Drop every message waiting in the broker's default queue (between tests)."""
+def purge_queues(*queues: str) -> int:
+    """Drop every message waiting in these queues (default: the default queue), e.g. between tests."""
     from config.celery import app
 
     with app.connection_for_write() as conn:
-        return app.control.purge(connection=conn)
+        if not queues:
+            return app.control.purge(connection=conn)
+        channel = conn.default_channel
+        return sum(channel.queue_purge(queue) or 0 for queue in queues)
 
 
 def database_url(settings_dict: dict) -> str:
