@@ -35,11 +35,27 @@ class HealthApi(APIView):
     authentication_classes = []
     throttle_classes = []
 
-    @extend_schema(responses={200: inline_serializer("Health", {"database": serializers.CharField(), "broker": serializers.CharField()})})
+    @extend_schema(
+        responses={
+            200: inline_serializer(
+                "Health",
+                {"database": serializers.CharField(), "broker": serializers.CharField(), "outbox": serializers.DictField()},
+            )
+        }
+    )
     def get(self, request):
         checks = {"database": _check_database(), "broker": _check_broker()}
         healthy = all(value == "ok" for value in checks.values())
-        return Response(checks, status=status.HTTP_200_OK if healthy else status.HTTP_503_SERVICE_UNAVAILABLE)
+        body = {**checks, "outbox": _outbox() if checks["database"] == "ok" else None}
+        return Response(body, status=status.HTTP_200_OK if healthy else status.HTTP_503_SERVICE_UNAVAILABLE)
+
+
+def _outbox() -> dict:
+    from django.utils import timezone
+
+    from sagas.selectors import outbox_stats
+
+    return outbox_stats(now=timezone.now())
 
 
 def _check_database() -> str:

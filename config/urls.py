@@ -6,7 +6,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from config.api import HealthApi, TokenApi
 from inventory.api import ProductListApi
 from orders.api import OrderCancelApi, OrderDetailApi, OrderListCreateApi
-from sagas.api import SagaAbortApi, SagaDetailApi, SagaListApi, SagaRetryApi
+from sagas.api import DeadLetterListApi, OutboxReplayApi, SagaAbortApi, SagaDetailApi, SagaListApi, SagaRetryApi
 
 api = [
     path("auth/token/", TokenApi.as_view(), name="api-token"),
@@ -19,6 +19,8 @@ api = [
     path("sagas/<uuid:saga_id>/", SagaDetailApi.as_view(), name="api-saga"),
     path("sagas/<uuid:saga_id>/retry/", SagaRetryApi.as_view(), name="api-saga-retry"),
     path("sagas/<uuid:saga_id>/abort/", SagaAbortApi.as_view(), name="api-saga-abort"),
+    path("outbox/dead-letter/", DeadLetterListApi.as_view(), name="api-outbox-dead-letter"),
+    path("outbox/<uuid:event_id>/replay/", OutboxReplayApi.as_view(), name="api-outbox-replay"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
 ]

@@ -18,8 +18,9 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from sagas.exceptions import SagaStateConflict
-from sagas.models import ACTIVE_STATES, Fault, SagaInstance, SagaState, StepExecution, StepState
-from sagas.selectors import saga_timeline
+from sagas.models import ACTIVE_STATES, Fault, InboxMessage, OutboxEvent, SagaInstance, SagaState, StepExecution, StepState
+from sagas.relay import outbox_replay
+from sagas.selectors import outbox_stats, saga_timeline
 from sagas.services import saga_abort, saga_retry_compensation
 
 GREEN, RED, AMBER, GREY, BLUE = "#2e7d32", "#c62828", "#ef8f00", "#757575", "#1565c0"
@@ -182,3 +183,52 @@ class SagaInstanceAdmin(OperatedAdminMixin, ReadOnlyAdminMixin, admin.ModelAdmin
 @admin.register(Fault)
 class FaultAdmin(admin.ModelAdmin):
     list_display = ["saga_name", "step", "direction", "kind", "remaining", "created_at"]
+
+
+class OutboxStateFilter(admin.SimpleListFilter):
+    title = "delivery"
+    parameter_name = "delivery"
+
+    def lookups(self, request, model_admin):
+        return [("waiting", "waiting to publish"), ("dead", "dead letter"), ("published", "published")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "waiting":
+            return queryset.filter(published_at__isnull=True, dead_lettered_at__isnull=True)
+        if self.value() == "dead":
+            return queryset.filter(published_at__isnull=True, dead_lettered_at__isnull=False)
+        if self.value() == "published":
+            return queryset.filter(published_at__isnull=False)
+        return queryset
+
+
+@admin.register(OutboxEvent)
+class OutboxEventAdmin(OperatedAdminMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["sequence", "event_type", "aggregate_type", "aggregate_id", "created_at", "published_at", "attempts", "dead_lettered_at"]
+    list_filter = [OutboxStateFilter, "aggregate_type", "event_type"]
+    search_fields = ["id", "aggregate_id"]
+    actions = ["replay"]
+
+    def changelist_view(self, request, extra_context=None):
+        extra_context = {**(extra_context or {}), "title": _outbox_title()}
+        return super().changelist_view(request, extra_context)
+
+    @admin.action(description="Replay from the dead letter", permissions=["operate"])
+    def replay(self, request, queryset: QuerySet[OutboxEvent]) -> None:
+        replayed = outbox_replay(event_ids=list(queryset.values_list("pk", flat=True)))
+        self.message_user(request, f"{replayed} event(s) replayed; {queryset.count() - replayed} were not dead-lettered.")
+
+
+@admin.register(InboxMessage)
+class InboxMessageAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["consumer", "event_type", "event_id", "received_at"]
+    list_filter = ["consumer", "event_type"]
+    search_fields = ["event_id"]
+
+
+def _outbox_title() -> str:
+    stats = outbox_stats(now=timezone.now())
+    return (
+        f"Outbox: {stats['backlog']} waiting (oldest {stats['oldest_unpublished_age_s']}s), "
+        f"{stats['published_per_s']}/s published, {stats['dead_lettered']} dead-lettered"
+    )

@@ -9,7 +9,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from sagas.exceptions import SagaStateConflict
-from sagas.models import SagaInstance, SagaState
+from sagas.models import OutboxEvent, SagaInstance, SagaState
+from sagas.relay import outbox_replay
 from sagas.selectors import saga_timeline
 from sagas.services import saga_abort, saga_retry_compensation
 
@@ -102,3 +103,41 @@ class SagaAbortApi(APIView):
     def post(self, request, saga_id):
         reason = f"aborted by {request.user.get_username()}"
         return _operate(saga_id, lambda: saga_abort(saga_id=saga_id, reason=reason))
+
+
+class OutboxEventOutputSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    sequence = serializers.IntegerField()
+    aggregate_type = serializers.CharField()
+    aggregate_id = serializers.CharField()
+    event_type = serializers.CharField()
+    payload = serializers.JSONField()
+    created_at = serializers.DateTimeField()
+    published_at = serializers.DateTimeField()
+    attempts = serializers.IntegerField()
+    last_error = serializers.CharField()
+    dead_lettered_at = serializers.DateTimeField()
+
+
+class DeadLetterListApi(ListAPIView):
+    """Staff: events parked after too many failed publishes (they hold back their aggregate)."""
+
+    permission_classes = [IsAdminUser]
+    serializer_class = OutboxEventOutputSerializer
+
+    def get_queryset(self):
+        return OutboxEvent.objects.filter(published_at__isnull=True, dead_lettered_at__isnull=False).order_by("sequence")
+
+
+class OutboxReplayApi(APIView):
+    """Staff: put a dead-lettered event back in line with a fresh retry budget (202); 409 if it is not dead-lettered."""
+
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(request=None, responses={202: OutboxEventOutputSerializer})
+    def post(self, request, event_id):
+        event = get_object_or_404(OutboxEvent, id=event_id)
+        if not outbox_replay(event_ids=[event.pk]):
+            return Response({"detail": f"event {event.id} is not in the dead letter"}, status=status.HTTP_409_CONFLICT)
+        event.refresh_from_db()
+        return Response(OutboxEventOutputSerializer(event).data, status=status.HTTP_202_ACCEPTED)

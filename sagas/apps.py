@@ -10,3 +10,4 @@ class SagasConfig(AppConfig):
         # Every app's `sagas.py` registers its definitions, so a web process, a worker and beat
         # all know every saga that may be running.
         autodiscover_modules("sagas")
+        autodiscover_modules("consumers")  # event handlers (sagas.consumers.subscribe)

@@ -142,6 +142,8 @@ class OutboxEvent(models.Model):
     attempts = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
+    # Parked after too many failed publishes; holds back only its own aggregate until replayed.
+    dead_lettered_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["sequence"]
@@ -152,3 +154,20 @@ class OutboxEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event_type} {self.aggregate_type}:{self.aggregate_id}"
+
+
+class InboxMessage(models.Model):
+    """An event a consumer has handled, committed in the same transaction as the handler's
+    effects: a second delivery of the same event to the same consumer finds it and does nothing."""
+
+    consumer = models.CharField(max_length=100)
+    event_id = models.UUIDField()
+    event_type = models.CharField(max_length=100)
+    received_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-received_at"]
+        constraints = [models.UniqueConstraint(fields=["consumer", "event_id"], name="inbox_once_per_consumer")]
+
+    def __str__(self) -> str:
+        return f"{self.consumer} <- {self.event_type} {self.event_id}"

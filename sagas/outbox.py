@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from django.db import connection
+from celery import signature
+from django.db import connection, transaction
 from django.utils import timezone
 
 from sagas.models import OutboxEvent
@@ -34,6 +35,10 @@ def outbox_emit(
     """Record an event to publish. Must run inside transaction.atomic; raises OutsideTransaction."""
     if not connection.in_atomic_block:
         raise OutsideTransaction(f"{event_type} for {aggregate_type}:{aggregate_id} must be emitted inside transaction.atomic")
+    if not any(callback is _kick_relay for _, callback, _ in connection.run_on_commit):
+        # Publish right after the commit instead of waiting for the beat (once per transaction;
+        # robust: a broker hiccup must not fail the committed request, the beat covers it).
+        transaction.on_commit(_kick_relay, robust=True)
     return OutboxEvent.objects.create(
         aggregate_type=aggregate_type,
         aggregate_id=str(aggregate_id),
@@ -41,3 +46,7 @@ def outbox_emit(
         payload=dict(payload),
         created_at=now or timezone.now(),
     )
+
+
+def _kick_relay() -> None:
+    signature("sagas.relay_outbox", options={"expires": 10}).apply_async()

@@ -8,7 +8,8 @@ from celery.exceptions import Ignore
 from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 
-from sagas import runner, services
+from sagas import consumers, relay, runner, services
+from sagas.publishers import configured_publisher
 from sagas.exceptions import SagaNotFound
 
 log = logging.getLogger("sagas")
@@ -71,3 +72,34 @@ def sweep() -> dict:
     if any(counts.values()):
         log.info("saga_sweep overdue=%s redriven=%s", counts["overdue"], counts["redriven"])
     return counts
+
+
+@shared_task(name="sagas.relay_outbox", acks_late=True, ignore_result=True)
+def relay_outbox() -> dict:
+    """Run by beat every OUTBOX_RELAY_INTERVAL and kicked after each commit that emitted events."""
+    result = relay.outbox_relay(publisher=configured_publisher())
+    if result.published or result.failed or result.dead_lettered:
+        log.info(
+            "outbox_relay published=%s failed=%s dead_lettered=%s rounds=%s",
+            result.published, result.failed, result.dead_lettered, result.rounds,
+        )
+    return {"published": result.published, "failed": result.failed, "dead_lettered": result.dead_lettered}
+
+
+@shared_task(name="sagas.outbox_cleanup", acks_late=True, ignore_result=True, **INFRASTRUCTURE_RETRY)
+def outbox_cleanup() -> int:
+    return relay.outbox_cleanup()
+
+
+@shared_task(bind=True, name="sagas.consume_event", acks_late=True, reject_on_worker_lost=True, max_retries=8, **INFRASTRUCTURE_RETRY)
+def consume_event(self, *, consumer: str, message: dict) -> None:
+    """One event for one consumer, behind its inbox. A failing handler is retried with backoff."""
+    try:
+        consumers.consume(consumer=consumer, message=message)
+    except (OperationalError, InterfaceError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the boundary around user handlers: retried, then logged
+        if self.request.retries >= self.max_retries:
+            log.error("consume_failed consumer=%s event=%s: %s (giving up)", consumer, message.get("id"), exc)
+            raise
+        raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc

@@ -7,11 +7,13 @@ engine would send after commit are never sent, because these tests' transactions
 """
 
 import re
+import uuid
 from datetime import timedelta
 from decimal import Decimal
 
 import pytest
 from django.contrib import admin, messages
+from django.db import transaction
 from django.urls import reverse
 from django.utils import timezone
 
@@ -20,8 +22,11 @@ from orders.admin import OrderAdmin
 from orders.models import Order, OrderStatus
 from payments.models import Payment, PaymentStatus, Refund
 from sagas import runner
+from sagas.consumers import consume
 from sagas.definition import COMPENSATE, FORWARD
-from sagas.models import Fault, SagaInstance, SagaState, StepExecution, StepState
+from sagas.models import Fault, InboxMessage, OutboxEvent, SagaInstance, SagaState, StepExecution, StepState
+from sagas.outbox import outbox_emit
+from sagas.publishers import message
 from sagas.services import saga_abort
 from sagas.testing import inject_fault
 from tests.orders_helpers import a_product, an_order
@@ -110,8 +115,11 @@ def shop():
 
 
 def test_every_page_of_every_registered_model_of_the_project_answers_200(admin_client, shop):
+    with transaction.atomic():
+        event = outbox_emit(aggregate_type="thing", aggregate_id=uuid.uuid4(), event_type="THING_HAPPENED", payload={})
+    consume(consumer="test-recorder", message=message(event))  # an inbox row to show
     project_models = {m for m in admin.site._registry if m._meta.app_label in {"sagas", "orders", "inventory", "payments"}}
-    assert project_models == {SagaInstance, Fault, Order, Product, Payment, Refund, Reservation}
+    assert project_models == {SagaInstance, Fault, Order, Product, Payment, Refund, Reservation, OutboxEvent, InboxMessage}
 
     for model in project_models:
         assert admin_client.get(changelist(model)).status_code == 200, model

@@ -50,7 +50,9 @@ def test_every_step_and_compensation_delivered_twice_takes_effect_once(saga_work
         assert step_row(saga.id, name).deliveries >= 1
 
 
-def test_a_redelivered_completed_step_still_moves_the_saga_on(saga_worker):
+def test_a_redelivered_completed_step_still_moves_the_saga_on(saga_worker, saga_beat):
+    # Redis redelivers the killed child's message; the embedded broker may lose it, and then the
+    # sweeper (beat) re-drives the saga: either way the step is not done twice.
     inject_fault(four_steps.name, "charge", kind=FaultKind.CRASH_AFTER_COMMIT)
 
     saga = wait_for_saga(four_steps.start(input={}).id)
@@ -60,14 +62,14 @@ def test_a_redelivered_completed_step_still_moves_the_saga_on(saga_worker):
     assert [e[0] for e in effects(saga.id)] == STEP_NAMES
 
 
-def test_a_worker_child_killed_mid_step_is_redelivered_and_rerun_not_compensated(saga_worker):
+def test_a_worker_child_killed_mid_step_is_redelivered_and_rerun_not_compensated(saga_worker, saga_beat):
     inject_fault(four_steps.name, "charge", kind=FaultKind.CRASH)
 
     saga = wait_for_saga(four_steps.start(input={}).id)
 
     assert saga.state == SagaState.COMPLETED, timeline(saga.id)
     charge = step_row(saga.id, "charge")
-    assert (charge.deliveries, charge.attempts) == (2, 1)
+    assert charge.attempts == 1 and charge.deliveries >= 2
     assert effect_count(saga.id, "charge") == 1
 
 

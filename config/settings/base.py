@@ -110,6 +110,12 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": timedelta(seconds=SAGAS_SWEEP_INTERVAL),
         "options": {"expires": SAGAS_SWEEP_INTERVAL * 2},
     },
+    "outbox-relay": {
+        "task": "sagas.relay_outbox",
+        "schedule": timedelta(seconds=env_float("OUTBOX_RELAY_INTERVAL", 1.0)),
+        "options": {"expires": 10},
+    },
+    "outbox-cleanup": {"task": "sagas.outbox_cleanup", "schedule": timedelta(hours=1)},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
@@ -177,3 +183,16 @@ CACHES = {
     if REDIS_URL
     else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
 }
+
+# --- Transactional outbox ------------------------------------------------------------------------
+# "redis": Redis Streams events.<aggregate_type> (needs REDIS_URL); "consumers": in-process
+# consumers as Celery tasks (the embedded default); or a dotted path to a publisher class.
+OUTBOX_PUBLISHER = env_str("OUTBOX_PUBLISHER", "redis" if REDIS_URL else "consumers")
+OUTBOX_RELAY_INTERVAL = env_float("OUTBOX_RELAY_INTERVAL", 1.0)
+OUTBOX_BATCH_SIZE = env_int("OUTBOX_BATCH_SIZE", 500)
+OUTBOX_RELAY_TIME_BUDGET = env_float("OUTBOX_RELAY_TIME_BUDGET", 5.0)
+OUTBOX_MAX_ATTEMPTS = env_int("OUTBOX_MAX_ATTEMPTS", 10)
+OUTBOX_RETRY_BACKOFF = env_float("OUTBOX_RETRY_BACKOFF", 1.0)
+OUTBOX_RETRY_MAX_DELAY = env_float("OUTBOX_RETRY_MAX_DELAY", 300.0)
+OUTBOX_RETENTION_HOURS = env_int("OUTBOX_RETENTION_HOURS", 168)
+OUTBOX_STREAM_MAXLEN = env_int("OUTBOX_STREAM_MAXLEN", 1_000_000)

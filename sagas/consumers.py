@@ -1,0 +1,109 @@
+"""Event consumers: a registry of handlers, each run as a Celery task behind an inbox.
+
+    @subscribe("payments", events=["ORDER_CREATED"])
+    def charge_for_order(event: ConsumedEvent) -> None:
+        ...  # runs once per event id, in the same transaction as the inbox row
+
+Handlers live in an app's `consumers.py` (imported at start-up). Delivery is at least once; the
+inbox row (unique consumer + event id) makes a duplicate delivery a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from celery import signature
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from sagas.models import InboxMessage, OutboxEvent
+
+log = logging.getLogger("sagas.consumers")
+
+
+@dataclass(frozen=True)
+class ConsumedEvent:
+    id: str
+    type: str
+    aggregate_type: str
+    aggregate_id: str
+    sequence: int
+    created_at: datetime
+    payload: Mapping[str, Any]
+
+    @classmethod
+    def from_message(cls, message: Mapping[str, str]) -> ConsumedEvent:
+        """From the wire form (sagas.publishers.message), as read from a task or a Redis stream."""
+        return cls(
+            id=message["id"],
+            type=message["type"],
+            aggregate_type=message["aggregate_type"],
+            aggregate_id=message["aggregate_id"],
+            sequence=int(message["sequence"]),
+            created_at=parse_datetime(message["created_at"]),
+            payload=json.loads(message["payload"]),
+        )
+
+
+Handler = Callable[[ConsumedEvent], None]
+
+
+@dataclass(frozen=True)
+class Subscription:
+    consumer: str
+    events: frozenset[str]
+    handler: Handler
+
+
+_subscriptions: dict[str, Subscription] = {}
+
+
+def subscribe(consumer: str, *, events: Iterable[str]) -> Callable[[Handler], Handler]:
+    """Register `handler` as consumer `consumer` of these event types (one handler per consumer)."""
+
+    def register(handler: Handler) -> Handler:
+        existing = _subscriptions.get(consumer)
+        if existing is not None and existing.handler.__qualname__ != handler.__qualname__:
+            raise ValueError(f"consumer {consumer!r} is already registered to {existing.handler.__qualname__}")
+        _subscriptions[consumer] = Subscription(consumer, frozenset(events), handler)
+        return handler
+
+    return register
+
+
+def subscribers(event_type: str) -> list[str]:
+    return sorted(name for name, sub in _subscriptions.items() if event_type in sub.events)
+
+
+def deliver(event: OutboxEvent) -> None:
+    """Send the event to each subscribed consumer as a `sagas.consume_event` task."""
+    from sagas.publishers import message
+
+    for consumer in subscribers(event.event_type):
+        signature("sagas.consume_event", kwargs={"consumer": consumer, "message": message(event)}).apply_async()
+
+
+def consume(*, consumer: str, message: Mapping[str, str], now: datetime | None = None) -> bool:
+    """Run `consumer`'s handler for this event unless its inbox already has it. The inbox row and
+    the handler's writes commit together. Returns False for a duplicate. Raises what the handler raises."""
+    subscription = _subscriptions.get(consumer)
+    if subscription is None:
+        raise LookupError(f"no consumer {consumer!r} is registered in this process")
+    event = ConsumedEvent.from_message(message)
+    with transaction.atomic():
+        try:
+            with transaction.atomic():
+                InboxMessage.objects.create(
+                    consumer=consumer, event_id=event.id, event_type=event.type, received_at=now or timezone.now()
+                )
+        except IntegrityError:
+            log.info("inbox_duplicate consumer=%s event=%s type=%s", consumer, event.id, event.type)
+            return False
+        subscription.handler(event)
+    return True

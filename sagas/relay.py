@@ -1,0 +1,133 @@
+"""The outbox relay: publish committed events at least once, in order per aggregate.
+
+Each round claims the *head* of every aggregate (its oldest unpublished event) that is due, with
+`SELECT ... FOR UPDATE SKIP LOCKED`, publishes the batch, and marks what went out, all in one
+transaction. Claiming only heads is what keeps an aggregate's events in order with several
+relays running: event n+1 becomes claimable only once event n is committed as published. A
+crash after publishing but before the commit republishes those events (at least once); an event
+committed out of sequence order is simply claimed by a later round. A failing event is retried
+with exponential backoff and jitter and, after settings.OUTBOX_MAX_ATTEMPTS, parked in the dead
+letter; it holds back only its own aggregate.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Exists, OuterRef, Q
+from django.utils import timezone
+
+from sagas.definition import Retry
+from sagas.models import OutboxEvent
+
+log = logging.getLogger("sagas.outbox")
+
+
+@dataclass
+class RelayResult:
+    published: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    rounds: int = 0
+
+    def __iadd__(self, other: RelayResult) -> RelayResult:
+        self.published += other.published
+        self.failed += other.failed
+        self.dead_lettered += other.dead_lettered
+        self.rounds += other.rounds
+        return self
+
+
+def backoff_policy() -> Retry:
+    return Retry(
+        max_attempts=settings.OUTBOX_MAX_ATTEMPTS,
+        backoff=settings.OUTBOX_RETRY_BACKOFF,
+        max_delay=settings.OUTBOX_RETRY_MAX_DELAY,
+    )
+
+
+def claimable(now: datetime):
+    """Unpublished, not parked, due events with no earlier unpublished event of their aggregate."""
+    earlier = OutboxEvent.objects.filter(
+        aggregate_type=OuterRef("aggregate_type"),
+        aggregate_id=OuterRef("aggregate_id"),
+        published_at__isnull=True,
+        sequence__lt=OuterRef("sequence"),
+    )
+    return (
+        OutboxEvent.objects.filter(published_at__isnull=True, dead_lettered_at__isnull=True)
+        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+        .exclude(Exists(earlier))
+        .order_by("sequence")
+    )
+
+
+def outbox_relay(*, publisher, batch_size: int | None = None, time_budget: float | None = None) -> RelayResult:
+    """Publish rounds of due events until a round finds none or `time_budget` seconds have passed.
+    Each round takes at most one event per aggregate (its head), so an aggregate with n waiting
+    events needs n rounds."""
+    batch_size = batch_size or settings.OUTBOX_BATCH_SIZE
+    budget_end = time.monotonic() + (time_budget if time_budget is not None else settings.OUTBOX_RELAY_TIME_BUDGET)
+    total = RelayResult()
+    policy = backoff_policy()
+    while True:
+        result, claimed = _relay_round(publisher=publisher, batch_size=batch_size, policy=policy, now=timezone.now())
+        total += result
+        if claimed == 0 or time.monotonic() >= budget_end:
+            return total
+
+
+def _relay_round(*, publisher, batch_size: int, policy: Retry, now: datetime) -> tuple[RelayResult, int]:
+    result = RelayResult(rounds=1)
+    with transaction.atomic():
+        events = list(claimable(now).select_for_update(skip_locked=True)[:batch_size])
+        if not events:
+            return result, 0
+        outcomes = publisher.publish(events)
+        published = [event.pk for event, error in zip(events, outcomes, strict=True) if error is None]
+        OutboxEvent.objects.filter(pk__in=published).update(published_at=now)
+        result.published = len(published)
+        for event, error in zip(events, outcomes, strict=True):
+            if error is not None:
+                _record_failure(event, error, policy=policy, now=now, result=result)
+    return result, len(events)
+
+
+def _record_failure(event: OutboxEvent, error: BaseException, *, policy: Retry, now: datetime, result: RelayResult) -> None:
+    event.attempts += 1
+    event.last_error = f"{type(error).__name__}: {error}"[:2000]
+    if event.attempts >= policy.max_attempts:
+        event.dead_lettered_at = now
+        result.dead_lettered += 1
+        log.error(
+            "outbox_dead_lettered event=%s type=%s aggregate=%s:%s attempts=%s error=%s",
+            event.id, event.event_type, event.aggregate_type, event.aggregate_id, event.attempts, event.last_error,
+        )
+    else:
+        event.next_attempt_at = now + timedelta(seconds=policy.delay(event.attempts))
+        result.failed += 1
+        log.warning(
+            "outbox_publish_failed event=%s aggregate=%s:%s attempt=%s retry_at=%s error=%s",
+            event.id, event.aggregate_type, event.aggregate_id, event.attempts, event.next_attempt_at, event.last_error,
+        )
+    event.save(update_fields=["attempts", "last_error", "next_attempt_at", "dead_lettered_at"])
+
+
+def outbox_replay(*, event_ids, now: datetime | None = None) -> int:
+    """Take dead-lettered events out of the dead letter with a fresh retry budget. Returns how many."""
+    return OutboxEvent.objects.filter(pk__in=event_ids, dead_lettered_at__isnull=False, published_at__isnull=True).update(
+        dead_lettered_at=None, attempts=0, next_attempt_at=None
+    )
+
+
+def outbox_cleanup(*, now: datetime | None = None, retention: timedelta | None = None) -> int:
+    """Delete events published longer ago than the retention period; never an unpublished one."""
+    now = now or timezone.now()
+    retention = retention or timedelta(hours=settings.OUTBOX_RETENTION_HOURS)
+    deleted, _ = OutboxEvent.objects.filter(published_at__isnull=False, published_at__lt=now - retention).delete()
+    return deleted

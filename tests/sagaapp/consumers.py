@@ -1,0 +1,14 @@
+"""A test consumer: records one Effect per handled event, so duplicates would be countable."""
+
+import os
+import uuid
+
+from sagas.consumers import ConsumedEvent, subscribe
+from tests.sagaapp.models import Effect
+
+
+@subscribe("test-recorder", events=["THING_HAPPENED"])
+def record_thing(event: ConsumedEvent) -> None:
+    if event.payload.get("fail"):
+        raise ValueError("the handler failed")
+    Effect.objects.create(saga_id=uuid.UUID(event.aggregate_id), step=event.type, direction="event", pid=os.getpid())

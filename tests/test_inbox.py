@@ -1,0 +1,62 @@
+"""Consumers behind an inbox: a duplicate delivery has no second effect."""
+
+import uuid
+
+import pytest
+from django.db import transaction
+
+from sagas.consumers import consume, subscribers
+from sagas.models import InboxMessage
+from sagas.outbox import outbox_emit
+from sagas.publishers import ConsumerTaskPublisher, message
+from tests.sagaapp.models import Effect
+
+
+def an_event(**payload):
+    with transaction.atomic():
+        return outbox_emit(aggregate_type="thing", aggregate_id=uuid.uuid4(), event_type="THING_HAPPENED", payload=payload)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_same_event_consumed_twice_takes_effect_once():
+    event = an_event()
+
+    first = consume(consumer="test-recorder", message=message(event))
+    second = consume(consumer="test-recorder", message=message(event))
+
+    assert (first, second) == (True, False)
+    assert Effect.objects.filter(saga_id=event.aggregate_id).count() == 1
+    assert InboxMessage.objects.filter(consumer="test-recorder", event_id=event.id).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failing_handler_leaves_no_inbox_row_so_a_retry_runs_it_again():
+    event = an_event(fail=True)
+
+    with pytest.raises(ValueError):
+        consume(consumer="test-recorder", message=message(event))
+
+    assert not InboxMessage.objects.exists(), "the inbox row rolls back with the handler's effects"
+
+
+def test_consumers_are_found_by_event_type():
+    assert subscribers("THING_HAPPENED") == ["test-recorder"]
+    assert subscribers("SOMETHING_ELSE") == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_events_published_twice_to_consumer_tasks_on_a_real_worker_take_effect_once(saga_worker):
+    events = [an_event() for _ in range(5)]
+    publisher = ConsumerTaskPublisher()
+
+    publisher.publish(events)
+    publisher.publish(events)  # a relay that crashed before marking publishes again
+
+    import time
+
+    deadline = time.monotonic() + 20
+    while InboxMessage.objects.count() < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # give the duplicates time to be (not) applied
+    for event in events:
+        assert Effect.objects.filter(saga_id=event.aggregate_id).count() == 1

@@ -1,0 +1,308 @@
+"""The transactional outbox and its relay: each guarantee of the outbox issue as its own test."""
+
+import threading
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from sagas.models import OutboxEvent
+from sagas.outbox import OutsideTransaction, outbox_emit
+from sagas.publishers import RedisStreamPublisher, destination
+from sagas.relay import outbox_cleanup, outbox_relay, outbox_replay
+
+services_only = pytest.mark.services(reason="needs PostgreSQL row locks (SKIP LOCKED) and Redis Streams")
+
+
+class Recorder:
+    """A publisher that records what it was handed; `fail(aggregate_id)` makes that aggregate's events fail."""
+
+    name = "recorder"
+
+    def __init__(self):
+        self.published: list[tuple[str, str, int]] = []
+        self.failing: set[str] = set()
+        self.lock = threading.Lock()
+
+    def publish(self, events):
+        outcomes = []
+        with self.lock:
+            for event in events:
+                if event.aggregate_id in self.failing:
+                    outcomes.append(ConnectionError(f"broker refused {event.aggregate_id}"))
+                else:
+                    self.published.append((event.aggregate_id, event.event_type, event.sequence))
+                    outcomes.append(None)
+        return outcomes
+
+
+def emit(aggregate_id: str, event_type: str = "THING_HAPPENED", aggregate_type: str = "thing") -> OutboxEvent:
+    with transaction.atomic():
+        return outbox_emit(aggregate_type=aggregate_type, aggregate_id=aggregate_id, event_type=event_type, payload={"n": event_type})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_emitting_outside_a_transaction_is_refused():
+    with pytest.raises(OutsideTransaction):
+        outbox_emit(aggregate_type="thing", aggregate_id="1", event_type="X", payload={})
+
+    assert not OutboxEvent.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_event_rolled_back_with_its_transaction_is_never_published():
+    with pytest.raises(RuntimeError), transaction.atomic():
+        outbox_emit(aggregate_type="thing", aggregate_id="1", event_type="X", payload={})
+        raise RuntimeError("the business change failed")
+    recorder = Recorder()
+
+    outbox_relay(publisher=recorder)
+
+    assert recorder.published == [] and not OutboxEvent.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_events_are_published_once_in_order_per_aggregate_and_marked():
+    for n in range(3):
+        for aggregate in ("a", "b"):
+            emit(aggregate, f"E{n}")
+    recorder = Recorder()
+
+    result = outbox_relay(publisher=recorder)
+
+    assert result.published == 6
+    for aggregate in ("a", "b"):
+        assert [t for a, t, _ in recorder.published if a == aggregate] == ["E0", "E1", "E2"]
+    assert not OutboxEvent.objects.filter(published_at=None).exists()
+    assert outbox_relay(publisher=recorder).published == 0, "nothing is published twice"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_crash_between_publish_and_mark_publishes_again_and_loses_nothing():
+    emit("a", "E0")
+    emit("a", "E1")
+
+    class CrashAfterPublish(Recorder):
+        def publish(self, events):
+            super().publish(events)
+            raise SystemExit("relay process killed before it could mark the batch")
+
+    crashing = CrashAfterPublish()
+    with pytest.raises(SystemExit):
+        outbox_relay(publisher=crashing)
+    recorder = Recorder()
+    outbox_relay(publisher=recorder)
+
+    assert [t for _, t, _ in crashing.published] == ["E0"]
+    assert [t for _, t, _ in recorder.published] == ["E0", "E1"], "the unmarked event goes out again (at least once)"
+    assert not OutboxEvent.objects.filter(published_at=None).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_poison_event_backs_off_then_is_dead_lettered_holding_back_only_its_aggregate(settings):
+    settings.OUTBOX_MAX_ATTEMPTS = 3
+    settings.OUTBOX_RETRY_BACKOFF = 0.0  # due again at once, so the test needs no clock games
+    poison = emit("bad", "P0")
+    emit("bad", "P1")
+    emit("good", "G0")
+    recorder = Recorder()
+    recorder.failing.add("bad")
+
+    for _ in range(5):
+        outbox_relay(publisher=recorder)
+        emit("good", f"G{len(recorder.published)}")
+    outbox_relay(publisher=recorder)
+
+    poison.refresh_from_db()
+    assert poison.attempts == 3 and poison.dead_lettered_at is not None and "broker refused" in poison.last_error
+    assert OutboxEvent.objects.get(event_type="P1").published_at is None, "its aggregate waits behind it"
+    assert {a for a, _, _ in recorder.published} == {"good"}
+    assert not OutboxEvent.objects.filter(aggregate_id="good", published_at=None).exists(), "others keep flowing"
+
+    recorder.failing.clear()
+    assert outbox_replay(event_ids=[poison.pk]) == 1
+    outbox_relay(publisher=recorder)
+
+    assert [t for a, t, _ in recorder.published if a == "bad"] == ["P0", "P1"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_publish_is_retried_with_exponential_backoff(settings):
+    settings.OUTBOX_RETRY_BACKOFF = 10.0
+    settings.OUTBOX_RETRY_MAX_DELAY = 1000.0
+    event = emit("bad")
+    recorder = Recorder()
+    recorder.failing.add("bad")
+    delays = []
+
+    for _ in range(3):
+        OutboxEvent.objects.filter(pk=event.pk).update(next_attempt_at=None)  # due now
+        before = timezone.now()
+        outbox_relay(publisher=recorder)
+        event.refresh_from_db()
+        delays.append((event.next_attempt_at - before).total_seconds())
+
+    assert 5 <= delays[0] <= 10.5 and 10 <= delays[1] <= 20.5 and 20 <= delays[2] <= 40.5, delays
+    assert outbox_relay(publisher=recorder).published == 0, "not due before its next attempt time"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cleanup_deletes_only_published_events_older_than_the_retention():
+    old, recent, unpublished = emit("a", "OLD"), emit("b", "RECENT"), emit("c", "UNPUBLISHED")
+    now = timezone.now()
+    OutboxEvent.objects.filter(pk=old.pk).update(published_at=now - timedelta(days=30))
+    OutboxEvent.objects.filter(pk=recent.pk).update(published_at=now - timedelta(hours=1))
+    OutboxEvent.objects.filter(pk=unpublished.pk).update(created_at=now - timedelta(days=300))
+
+    deleted = outbox_cleanup(now=now, retention=timedelta(days=7))
+
+    assert deleted == 1
+    assert set(OutboxEvent.objects.values_list("event_type", flat=True)) == {"RECENT", "UNPUBLISHED"}
+
+
+@services_only
+@pytest.mark.django_db(transaction=True)
+def test_an_event_committed_out_of_sequence_order_is_still_published():
+    started, release = threading.Event(), threading.Event()
+
+    def slow_writer():
+        with transaction.atomic():
+            outbox_emit(aggregate_type="thing", aggregate_id="slow", event_type="LATE", payload={})
+            started.set()
+            release.wait(10)
+        connection.close()
+
+    writer = threading.Thread(target=slow_writer)
+    writer.start()
+    started.wait(10)
+    emit("fast", "EARLY")  # takes a higher sequence, commits first
+    recorder = Recorder()
+    outbox_relay(publisher=recorder)
+    release.set()
+    writer.join()
+    outbox_relay(publisher=recorder)
+
+    assert [t for _, t, _ in recorder.published] == ["EARLY", "LATE"]
+    late = OutboxEvent.objects.get(event_type="LATE")
+    assert late.sequence < OutboxEvent.objects.get(event_type="EARLY").sequence and late.published_at is not None
+
+
+@services_only
+@pytest.mark.django_db(transaction=True)
+def test_several_relays_at_once_publish_10000_events_exactly_once_in_order_per_aggregate():
+    aggregate_type = f"load{uuid.uuid4().hex[:8]}"
+    rows = [
+        OutboxEvent(aggregate_type=aggregate_type, aggregate_id=str(n % 200), event_type=f"E{n // 200}", payload={}, created_at=timezone.now())
+        for n in range(10_000)
+    ]
+    OutboxEvent.objects.bulk_create(rows, batch_size=2000)
+    publisher = RedisStreamPublisher(settings.REDIS_URL)
+    stream = f"events.{aggregate_type}"
+    publisher.client.delete(stream)
+    errors = []
+
+    def relay_until_drained():
+        try:
+            while OutboxEvent.objects.filter(aggregate_type=aggregate_type, published_at=None).exists():
+                outbox_relay(publisher=publisher, batch_size=300)
+        except Exception as exc:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    relays = [threading.Thread(target=relay_until_drained) for _ in range(4)]  # two beats, two kicks
+    for relay in relays:
+        relay.start()
+    for relay in relays:
+        relay.join(120)
+
+    entries = publisher.client.xrange(stream)
+    publisher.client.delete(stream)
+    assert errors == []
+    ids = [fields[b"id"] for _, fields in entries]
+    assert len(ids) == 10_000 and len(set(ids)) == 10_000, "every event exactly once"
+    by_aggregate: dict[bytes, list[int]] = {}
+    for _, fields in entries:
+        by_aggregate.setdefault(fields[b"aggregate_id"], []).append(int(fields[b"sequence"]))
+    assert all(seq == sorted(seq) for seq in by_aggregate.values()), "order per aggregate"
+    assert not OutboxEvent.objects.filter(aggregate_type=aggregate_type, published_at=None).exists()
+
+
+@services_only
+@pytest.mark.django_db(transaction=True)
+def test_the_redis_publisher_routes_by_aggregate_type_keyed_by_aggregate_id():
+    event = emit("order-1", "ORDER_CREATED", aggregate_type=f"order{uuid.uuid4().hex[:6]}")
+    publisher = RedisStreamPublisher(settings.REDIS_URL)
+
+    outbox_relay(publisher=publisher)
+
+    [(_, fields)] = publisher.client.xrange(destination(event))
+    publisher.client.delete(destination(event))
+    assert fields[b"id"].decode() == str(event.id)
+    assert (fields[b"type"], fields[b"aggregate_id"]) == (b"ORDER_CREATED", b"order-1")
+    assert b'"n": "ORDER_CREATED"' in fields[b"payload"]
+
+
+@services_only
+@pytest.mark.django_db(transaction=True)
+def test_a_relay_stuck_publishing_does_not_hold_the_other_relays_back():
+    for n in range(20):
+        emit(f"agg-{n}")
+    claimed, release = threading.Event(), threading.Event()
+
+    class Stuck(Recorder):
+        def publish(self, events):
+            claimed.set()
+            release.wait(30)  # e.g. a broker that stopped answering mid-batch
+            return super().publish(events)
+
+    def stuck_relay():
+        outbox_relay(publisher=Stuck(), batch_size=5)
+        connection.close()
+
+    stuck = threading.Thread(target=stuck_relay)
+    stuck.start()
+    claimed.wait(10)
+    recorder, done = Recorder(), threading.Event()
+
+    def other_relay():
+        outbox_relay(publisher=recorder, batch_size=100, time_budget=0)
+        connection.close()
+        done.set()
+
+    threading.Thread(target=other_relay).start()
+    finished_while_stuck = done.wait(5)
+    release.set()
+    stuck.join(30)
+
+    assert finished_while_stuck, "the second relay waited for the first one's locked rows"
+    assert len(recorder.published) == 15
+
+
+@pytest.mark.django_db(transaction=True)
+def test_staff_list_and_replay_dead_lettered_events_and_health_counts_them(settings):
+    from rest_framework.test import APIClient
+
+    from tests.orders_helpers import a_user
+
+    settings.OUTBOX_MAX_ATTEMPTS = 1
+    poison = emit("bad")
+    recorder = Recorder()
+    recorder.failing.add("bad")
+    outbox_relay(publisher=recorder)
+    staff = APIClient()
+    staff.force_authenticate(a_user("ops", staff=True))
+
+    listed = staff.get("/api/outbox/dead-letter/").json()
+    health = APIClient().get("/api/health/").json()
+    replayed = staff.post(f"/api/outbox/{poison.id}/replay/")
+    again = staff.post(f"/api/outbox/{poison.id}/replay/")
+
+    assert [e["id"] for e in listed["results"]] == [str(poison.id)]
+    assert health["outbox"]["dead_lettered"] == 1
+    assert replayed.status_code == 202 and replayed.json()["dead_lettered_at"] is None
+    assert again.status_code == 409
+    assert APIClient().get("/api/outbox/dead-letter/").status_code == 401
