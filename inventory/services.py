@@ -25,7 +25,9 @@ class OutOfStock(BusinessError):
 
 
 @transaction.atomic
-def stock_reserve(*, saga_id: UUID, order_id: UUID | str, quantities: Mapping[int, int], now: datetime) -> list[Reservation]:
+def stock_reserve(
+    *, saga_id: UUID, order_id: UUID | str, quantities: Mapping[int, int], now: datetime, flow: str = "orchestrated"
+) -> list[Reservation]:
     """Hold `quantities` (product id -> units) for the saga, all or nothing. A second call for the
     same saga returns the first call's reservations. Raises OutOfStock."""
     existing = list(Reservation.objects.filter(saga_id=saga_id))
@@ -50,7 +52,7 @@ def stock_reserve(*, saga_id: UUID, order_id: UUID | str, quantities: Mapping[in
         aggregate_type="order",
         aggregate_id=order_id,
         event_type="INVENTORY_RESERVED",
-        payload={"order_id": str(order_id), "items": {str(p): q for p, q in quantities.items()}},
+        payload={"order_id": str(order_id), "items": {str(p): q for p, q in quantities.items()}, "flow": flow},
         now=now,
     )
     return reservations

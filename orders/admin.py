@@ -6,12 +6,13 @@ from __future__ import annotations
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.urls import reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from orders.models import Order, OrderItem, OrderStatus
+from orders.selectors import order_events
 from orders.services import OrderNotCancellable, order_cancel
-from sagas.admin import AMBER, GREEN, GREY, OperatedAdminMixin, ReadOnlyAdminMixin, saga_timeline_table, state_badge
+from sagas.admin import AMBER, GREEN, GREY, OperatedAdminMixin, ReadOnlyAdminMixin, saga_timeline_table, state_badge, when
 from sagas.exceptions import SagaNotFound
 from sagas.models import SagaInstance
 
@@ -37,10 +38,23 @@ class OrderAdmin(OperatedAdminMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["id", "owner", "status", "total", "currency", "payment_method", "flow"]}),
         ("Saga", {"fields": ["saga_link", "cancel_reason"]}),
+        ("Events", {"fields": ["events_table"]}),
         ("Dates", {"fields": ["created_at", "updated_at"]}),
     ]
     # Everything is read-only even for a user granted "change order": only services change orders.
-    readonly_fields = [*(f.name for f in Order._meta.fields), "saga_link"]
+    readonly_fields = [*(f.name for f in Order._meta.fields), "saga_link", "events_table"]
+
+    @admin.display(description="events, in order")
+    def events_table(self, order: Order) -> SafeString:
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            ((e.sequence, e.event_type, when(e.created_at), when(e.published_at)) for e in order_events(order.id)),
+        )
+        return format_html(
+            "<table><thead><tr><th>#</th><th>Event</th><th>Emitted</th><th>Published</th></tr></thead><tbody>{}</tbody></table>",
+            rows,
+        )
 
     @admin.display(description="status", ordering="status")
     def coloured_status(self, order: Order) -> SafeString:

@@ -1,7 +1,7 @@
 """The orders API: place (with Idempotency-Key), list, inspect with the saga timeline, cancel."""
 
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.exceptions import ValidationError
 from rest_framework.generics import ListAPIView
@@ -9,6 +9,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from orders.models import Flow, Order, OrderStatus
+from orders.selectors import order_events
 from orders.services import (
     IdempotencyKeyInFlight,
     IdempotencyKeyReused,
@@ -69,6 +70,14 @@ class OrderItemOutputSerializer(serializers.Serializer):
     line_total = serializers.DecimalField(max_digits=14, decimal_places=2)
 
 
+class OrderEventOutputSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    event_type = serializers.CharField()
+    payload = serializers.JSONField()
+    created_at = serializers.DateTimeField()
+    published_at = serializers.DateTimeField()
+
+
 class OrderOutputSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     status = serializers.CharField()
@@ -80,7 +89,12 @@ class OrderOutputSerializer(serializers.Serializer):
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
     items = OrderItemOutputSerializer(many=True)
-    saga = SagaOutputSerializer()
+    saga = SagaOutputSerializer(allow_null=True, help_text="the orchestrating saga; null in the choreographed flow")
+    events = serializers.SerializerMethodField(help_text="the order's events, in the order they happened")
+
+    @extend_schema_field(OrderEventOutputSerializer(many=True))
+    def get_events(self, order) -> list[dict]:
+        return OrderEventOutputSerializer(order_events(order.id), many=True).data
 
 
 class OrderStatusFilterSerializer(serializers.Serializer):

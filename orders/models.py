@@ -42,6 +42,12 @@ class Order(models.Model):
     def __str__(self) -> str:
         return f"order {self.id} ({self.status})"
 
+    @property
+    def correlation_id(self):
+        """What reservations and payments of this order are keyed by: its saga, or in the
+        choreographed flow (no saga) the order itself."""
+        return self.saga_id or self.id
+
 
 class OrderItem(models.Model):
     order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="items")

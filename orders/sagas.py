@@ -5,6 +5,7 @@ from sagas.models import SagaState
 
 from inventory.services import stock_release, stock_reserve
 from orders.models import Order
+from orders.selectors import order_quantities
 from orders.services import order_accept, order_confirm, order_mark_cancelled
 from payments.gateway import PaymentFailed
 from payments.services import payment_charge, payment_refund
@@ -20,9 +21,8 @@ def cancel_order(ctx: StepContext) -> None:
 
 
 def reserve_inventory(ctx: StepContext) -> dict:
-    order = Order.objects.get(pk=ctx.input["order_id"])
-    quantities = dict(order.items.values_list("product_id", "quantity"))
-    reservations = stock_reserve(saga_id=ctx.saga_id, order_id=order.id, quantities=quantities, now=ctx.now)
+    order_id = ctx.input["order_id"]
+    reservations = stock_reserve(saga_id=ctx.saga_id, order_id=order_id, quantities=order_quantities(order_id), now=ctx.now)
     return {"reservations": [r.pk for r in reservations]}
 
 

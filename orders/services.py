@@ -22,8 +22,7 @@ from sagas.models import SagaState
 from sagas.outbox import outbox_emit
 from sagas.services import saga_abort
 
-# The choreographed flow (services reacting to each other's events) comes with the outbox relay.
-SUPPORTED_FLOWS = (Flow.ORCHESTRATED,)
+SUPPORTED_FLOWS = (Flow.ORCHESTRATED, Flow.CHOREOGRAPHED)
 
 # A request that claimed a key and then vanished (process killed) stops blocking the key after this.
 IN_FLIGHT_EXPIRY = timedelta(seconds=60)
@@ -155,8 +154,10 @@ def _order_create(*, owner, lines: Sequence[LineRequest], payment_method: str, f
         OrderItem(order=order, product=products[line.sku], sku=line.sku, quantity=line.quantity, unit_price=products[line.sku].price)
         for line in lines
     )
-    order.saga = place_order.start(input={"order_id": str(order.id)}, idempotency_key=f"order:{order.id}")
-    order.save(update_fields=["saga"])
+    if flow == Flow.ORCHESTRATED:
+        order.saga = place_order.start(input={"order_id": str(order.id)}, idempotency_key=f"order:{order.id}")
+        order.save(update_fields=["saga"])
+    # Choreographed: no orchestrator; payments reacts to ORDER_CREATED (orders/consumers.py et al.).
     outbox_emit(
         aggregate_type="order",
         aggregate_id=order.id,
@@ -167,6 +168,7 @@ def _order_create(*, owner, lines: Sequence[LineRequest], payment_method: str, f
             "total": order.total,
             "currency": order.currency,
             "payment_method": payment_method,
+            "flow": flow,
             "items": [{"sku": line.sku, "quantity": line.quantity} for line in lines],
         },
         now=now,
@@ -193,7 +195,7 @@ def order_confirm(*, order_id: UUID | str, now: datetime) -> Order:
         return order
     if order.status != OrderStatus.PENDING:
         raise OrderNotPending(f"order {order.id} is {order.status}")
-    stock_commit(saga_id=order.saga_id, now=now)
+    stock_commit(saga_id=order.correlation_id, now=now)
     order.status, order.updated_at = OrderStatus.CONFIRMED, now
     order.save(update_fields=["status", "updated_at"])
     payload = {"order_id": str(order.id), "total": order.total, "currency": order.currency}
@@ -229,6 +231,10 @@ def order_cancel(*, order: Order, now: datetime | None = None) -> Order:
         return order
     if order.status == OrderStatus.CONFIRMED:
         raise OrderNotCancellable(f"order {order.id} is confirmed and can no longer be cancelled")
+    if order.flow == Flow.CHOREOGRAPHED:
+        # No orchestrator owns a choreographed order: payments and inventory may be acting on it
+        # right now, and nothing could undo a reservation made after the cancel.
+        raise OrderNotCancellable(f"order {order.id} is choreographed; it cannot be cancelled while its services react to it")
     try:
         saga = saga_abort(saga_id=order.saga_id, reason="cancelled by the customer", now=now)
     except SagaStateConflict:

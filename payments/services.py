@@ -13,7 +13,9 @@ from sagas.outbox import outbox_emit
 
 
 @transaction.atomic
-def payment_charge(*, idempotency_key: str, reference: str, amount: Decimal, currency: str, method: str, now: datetime) -> Payment:
+def payment_charge(
+    *, idempotency_key: str, reference: str, amount: Decimal, currency: str, method: str, now: datetime, flow: str = "orchestrated"
+) -> Payment:
     """Charge `amount` once per key. A retry after a lost response finds the provider's charge by
     the same key instead of charging again. Raises PaymentDeclined, InsufficientFunds (business)
     and GatewayError (transient)."""
@@ -34,7 +36,7 @@ def payment_charge(*, idempotency_key: str, reference: str, amount: Decimal, cur
         aggregate_type="order",
         aggregate_id=reference,
         event_type="PAYMENT_PROCESSED",
-        payload={"order_id": reference, "amount": charge.amount, "currency": charge.currency, "payment": charge.reference},
+        payload={"order_id": reference, "amount": charge.amount, "currency": charge.currency, "payment": charge.reference, "flow": flow},
         now=now,
     )
     return payment

@@ -60,8 +60,8 @@ def saga_timeline_table(saga: SagaInstance) -> SafeString:
                 state_badge(e.state),
                 e.attempts,
                 e.deliveries,
-                _when(e.started_at),
-                _when(e.finished_at),
+                when(e.started_at),
+                when(e.finished_at),
                 e.last_error or "-",
                 e.position,
             )
@@ -80,7 +80,7 @@ def saga_timeline_table(saga: SagaInstance) -> SafeString:
     )
 
 
-def _when(moment) -> str:
+def when(moment) -> str:
     # Milliseconds matter in a timeline: steps of one saga often run within the same second.
     return timezone.localtime(moment).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if moment else "-"
 

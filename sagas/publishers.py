@@ -85,12 +85,27 @@ class ConsumerTaskPublisher:
         return outcomes
 
 
+class AllPublishers:
+    """Publish to each of several publishers; an event fails if any of them failed it, and its
+    retry goes to all of them again (at least once, everywhere)."""
+
+    def __init__(self, publishers: Sequence):
+        self.publishers = list(publishers)
+        self.name = "+".join(p.name for p in self.publishers)
+
+    def publish(self, events: Sequence[OutboxEvent]) -> list[BaseException | None]:
+        outcomes: list[BaseException | None] = [None] * len(events)
+        for publisher in self.publishers:
+            for n, error in enumerate(publisher.publish(events)):
+                outcomes[n] = outcomes[n] or error
+        return outcomes
+
+
 @cache
 def configured_publisher():
-    """settings.OUTBOX_PUBLISHER: "redis", "consumers", or a dotted path to a publisher class."""
-    choice = settings.OUTBOX_PUBLISHER
-    if choice == "redis":
-        return RedisStreamPublisher()
-    if choice == "consumers":
-        return ConsumerTaskPublisher()
-    return import_string(choice)()
+    """settings.OUTBOX_PUBLISHER: a comma-separated list of "redis", "consumers" or dotted paths
+    to publisher classes."""
+    named = {"redis": RedisStreamPublisher, "consumers": ConsumerTaskPublisher}
+    choices = [c.strip() for c in settings.OUTBOX_PUBLISHER.split(",") if c.strip()]
+    publishers = [named[c]() if c in named else import_string(c)() for c in choices]
+    return publishers[0] if len(publishers) == 1 else AllPublishers(publishers)

@@ -49,3 +49,23 @@ def flush_broker() -> None:
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM kombu_message"))
         engine.dispose()
+
+
+def wait_for_empty_queue(timeout: float = 20.0, then: float = 1.0) -> None:
+    """Until the worker has taken every message from the default queue, plus `then` seconds for
+    the ones in hand to finish."""
+    import time
+
+    from config.celery import app
+
+    deadline = time.monotonic() + timeout
+    with app.connection_for_write() as conn:
+        while time.monotonic() < deadline:
+            try:
+                _, waiting, _ = conn.default_channel.queue_declare(queue=settings.CELERY_TASK_DEFAULT_QUEUE, passive=True)
+            except conn.channel_errors:
+                waiting = 0  # Redis has no key for an empty queue
+            if not waiting:
+                break
+            time.sleep(0.1)
+    time.sleep(then)

@@ -45,7 +45,7 @@ def test_place_orders_waits_for_every_saga_and_reports_outcomes_with_invariants(
     assert SagaInstance.objects.exclude(state__in=TERMINAL_STATES).count() == 0
     assert Order.objects.filter(status=OrderStatus.PENDING).count() == 0
     assert "orders by status" in output and "sagas by state" in output
-    assert "saga duration: median" in output
+    assert "placed -> settled: median" in output
     assert "invariants: all hold" in output
 
 

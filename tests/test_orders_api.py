@@ -834,14 +834,20 @@ def test_a_staff_abort_before_the_saga_started_leaves_the_order_cancelled_not_pe
 
 
 @pytest.mark.django_db
-def test_the_choreographed_flow_is_refused_with_a_400_naming_flow_until_it_exists():
+def test_a_choreographed_order_has_no_saga_shows_its_events_and_cannot_be_cancelled_in_flight():
     a_product()
+    client = api_as(a_user())
 
-    response = place(api_as(a_user()), an_order_body(flow="choreographed"))
+    response = place(client, an_order_body(flow="choreographed"))
+    order_id = response.json()["id"]
+    cancel = client.post(f"/api/orders/{order_id}/cancel/")
 
-    assert response.status_code == 400
-    assert "flow" in response.json()
-    assert not Order.objects.exists()
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert (body["flow"], body["saga"]) == ("choreographed", None)
+    assert [e["event_type"] for e in body["events"]] == ["ORDER_CREATED"]
+    assert cancel.status_code == 409 and "choreographed" in cancel.json()["detail"]
+    assert Order.objects.get(pk=order_id).status == OrderStatus.PENDING
 
 
 @pytest.mark.django_db

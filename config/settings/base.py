@@ -185,9 +185,9 @@ CACHES = {
 }
 
 # --- Transactional outbox ------------------------------------------------------------------------
-# "redis": Redis Streams events.<aggregate_type> (needs REDIS_URL); "consumers": in-process
-# consumers as Celery tasks (the embedded default); or a dotted path to a publisher class.
-OUTBOX_PUBLISHER = env_str("OUTBOX_PUBLISHER", "redis" if REDIS_URL else "consumers")
+# Comma-separated: "redis" (Redis Streams events.<aggregate_type>, needs REDIS_URL), "consumers"
+# (in-process consumers as Celery tasks, which the choreographed flow needs), or dotted paths.
+OUTBOX_PUBLISHER = env_str("OUTBOX_PUBLISHER", "redis,consumers" if REDIS_URL else "consumers")
 OUTBOX_RELAY_INTERVAL = env_float("OUTBOX_RELAY_INTERVAL", 1.0)
 OUTBOX_BATCH_SIZE = env_int("OUTBOX_BATCH_SIZE", 500)
 OUTBOX_RELAY_TIME_BUDGET = env_float("OUTBOX_RELAY_TIME_BUDGET", 5.0)

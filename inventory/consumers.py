@@ -1,0 +1,27 @@
+"""Inventory in the choreographed order flow: reserve stock once the payment went through."""
+
+from django.utils import timezone
+
+from inventory.services import OutOfStock, stock_reserve
+from sagas.consumers import ConsumedEvent, subscribe
+from sagas.outbox import outbox_emit
+
+
+@subscribe("inventory", events=["PAYMENT_PROCESSED"])
+def on_payment_processed(event: ConsumedEvent) -> None:
+    if event.payload.get("flow") != "choreographed":
+        return
+    from orders.selectors import order_quantities  # the order's lines, read through orders' selector
+
+    order_id = event.payload["order_id"]
+    now = timezone.now()
+    try:
+        stock_reserve(saga_id=order_id, order_id=order_id, quantities=order_quantities(order_id), now=now, flow="choreographed")
+    except OutOfStock as exc:
+        outbox_emit(
+            aggregate_type="order",
+            aggregate_id=order_id,
+            event_type="STOCK_UNAVAILABLE",
+            payload={"order_id": order_id, "reason": str(exc), "flow": "choreographed"},
+            now=now,
+        )

@@ -1,0 +1,19 @@
+"""Orders in the choreographed flow: confirm once stock is reserved; cancel when payment failed or
+stock was unavailable (payments then refunds on ORDER_CANCELLED: the compensating event)."""
+
+from django.utils import timezone
+
+from orders.services import order_confirm, order_mark_cancelled
+from sagas.consumers import ConsumedEvent, subscribe
+
+
+@subscribe("orders", events=["INVENTORY_RESERVED", "PAYMENT_FAILED", "STOCK_UNAVAILABLE"])
+def on_order_progress(event: ConsumedEvent) -> None:
+    if event.payload.get("flow") != "choreographed":
+        return
+    order_id = event.payload["order_id"]
+    if event.type == "INVENTORY_RESERVED":
+        order_confirm(order_id=order_id, now=timezone.now())
+    else:
+        reason = f"{event.type.lower().replace('_', ' ')}: {event.payload.get('reason', '')}"
+        order_mark_cancelled(order_id=order_id, reason=reason, now=timezone.now())

@@ -1,0 +1,47 @@
+"""Payments in the choreographed order flow: charge on ORDER_CREATED, refund on ORDER_CANCELLED."""
+
+from decimal import Decimal
+
+from django.utils import timezone
+
+from payments.gateway import PaymentFailed
+from payments.services import payment_charge, payment_refund
+from sagas.consumers import ConsumedEvent, subscribe
+from sagas.outbox import outbox_emit
+
+CHOREOGRAPHED = "choreographed"
+
+
+def charge_key(order_id: str) -> str:
+    return f"{order_id}:payment"
+
+
+@subscribe("payments", events=["ORDER_CREATED", "ORDER_CANCELLED"])
+def on_order_event(event: ConsumedEvent) -> None:
+    if event.payload.get("flow") != CHOREOGRAPHED and event.type == "ORDER_CREATED":
+        return  # the orchestrated flow's saga charges through its own step
+    order_id = event.payload["order_id"]
+    now = timezone.now()
+    if event.type == "ORDER_CANCELLED":
+        payment_refund(idempotency_key=charge_key(order_id), now=now)  # a no-op when nothing was charged
+        return
+    try:
+        payment_charge(
+            idempotency_key=charge_key(order_id),
+            reference=order_id,
+            amount=Decimal(event.payload["total"]),
+            currency=event.payload["currency"],
+            method=event.payload["payment_method"],
+            now=now,
+            flow=CHOREOGRAPHED,
+        )
+    except PaymentFailed as exc:
+        outbox_emit(
+            aggregate_type="order",
+            aggregate_id=order_id,
+            event_type="PAYMENT_FAILED",
+            payload={"order_id": order_id, "reason": str(exc), "flow": CHOREOGRAPHED},
+            now=now,
+        )
+    # GatewayError (transient) propagates: the consume task retries with backoff, and the charge
+    # is reconciled by its key.
