@@ -2,8 +2,9 @@
 
 from sagas import Retry, Saga, Step, StepContext
 from sagas.models import SagaState
+from sagas.outbox import outbox_emit
 
-from inventory.services import stock_release, stock_reserve
+from inventory.services import OutOfStock, stock_release, stock_reserve
 from orders.models import Order
 from orders.selectors import order_quantities
 from orders.services import order_accept, order_confirm, order_mark_cancelled
@@ -43,6 +44,21 @@ def process_payment(ctx: StepContext) -> dict:
     return {"payment": payment.provider_reference, "amount": payment.amount}
 
 
+def payment_failed(ctx: StepContext, error: BaseException) -> None:
+    _failure_event(ctx, "PAYMENT_FAILED", error)
+
+
+def stock_unavailable(ctx: StepContext, error: BaseException) -> None:
+    if isinstance(error, OutOfStock):
+        _failure_event(ctx, "STOCK_UNAVAILABLE", error)
+
+
+def _failure_event(ctx: StepContext, event_type: str, error: BaseException) -> None:
+    order_id = ctx.input["order_id"]
+    payload = {"order_id": order_id, "reason": str(error), "flow": "orchestrated"}
+    outbox_emit(aggregate_type="order", aggregate_id=order_id, event_type=event_type, payload=payload, now=ctx.now)
+
+
 def refund_payment(ctx: StepContext) -> None:
     payment_refund(idempotency_key=ctx.idempotency_key, now=ctx.now)
 
@@ -66,8 +82,8 @@ def _why(ctx: StepContext) -> str:
 
 place_order = Saga("place_order", version=1, steps=[
     Step("create_order", action=create_order, compensation=cancel_order),
-    Step("reserve_inventory", action=reserve_inventory, compensation=release_inventory),
-    Step("process_payment", action=process_payment, compensation=refund_payment,
+    Step("reserve_inventory", action=reserve_inventory, compensation=release_inventory, on_failure=stock_unavailable),
+    Step("process_payment", action=process_payment, compensation=refund_payment, on_failure=payment_failed,
          retry=Retry(max_attempts=5, backoff=0.5, max_delay=5.0, non_retryable=(PaymentFailed,))),
     Step("notify_fulfillment", action=notify_fulfillment),
 ], on_finish=release_order)

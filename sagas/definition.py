@@ -108,6 +108,9 @@ class Step:
     timeout: float = 30.0
     max_deliveries: int = 3
     queue: str | None = None
+    # Called as on_failure(context, error) when the action fails for good, in the transaction that
+    # records the failure (the action's own writes are rolled back): e.g. emit a PAYMENT_FAILED event.
+    on_failure: Callable[[StepContext, BaseException], None] | None = None
 
     def policy(self, direction: str) -> Retry:
         return self.retry if direction == FORWARD else self.compensation_retry

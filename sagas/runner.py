@@ -259,6 +259,8 @@ def _execute(
             return StepResult(Outcome.RETRY, countdown=countdown, error=error)
         _mark(saga, execution, StepState.FAILED, now=now, error=detail)
         execution.save()
+        if direction == FORWARD and step.on_failure is not None:
+            step.on_failure(context, error)
         return StepResult(Outcome.FAILED, error=error)
 
 

@@ -7,6 +7,7 @@ from django.conf import settings
 
 from inventory.models import Stock
 from orders.models import OrderStatus
+from orders.selectors import order_events
 from payments.gateway import SimulatedProvider
 from payments.models import Payment, Refund
 from sagas.models import Direction, SagaState, StepState
@@ -54,6 +55,9 @@ def test_a_refused_payment_releases_the_stock_then_cancels_without_taking_money(
     stock = Stock.objects.get(pk=product.pk)
     assert (stock.on_hand, stock.reserved) == (10, 0)
     assert not Payment.objects.exists()
+    assert [e.event_type for e in order_events(order.id)] == [
+        "ORDER_CREATED", "INVENTORY_RESERVED", "PAYMENT_FAILED", "INVENTORY_RELEASED", "ORDER_CANCELLED"
+    ]
     assert_shop_invariants()
 
 
@@ -89,6 +93,7 @@ def test_an_order_for_more_than_is_in_stock_is_cancelled_without_touching_paymen
 
     assert (order.status, saga.state) == (OrderStatus.CANCELLED, SagaState.COMPENSATED), timeline(saga.id)
     assert "out of stock" in order.cancel_reason
+    assert [e.event_type for e in order_events(order.id)] == ["ORDER_CREATED", "STOCK_UNAVAILABLE", "ORDER_CANCELLED"]
     assert saga.steps.get(name="process_payment").state == StepState.PENDING
     assert Stock.objects.get(pk=product.pk).reserved == 0
     assert_shop_invariants()

@@ -81,6 +81,16 @@ def test_events_are_published_once_in_order_per_aggregate_and_marked():
 
 
 @pytest.mark.django_db(transaction=True)
+def test_an_event_committed_when_no_relay_ran_after_it_is_published_by_the_next_run():
+    emit("a", "E0")  # the process died right after the commit: its kick never reached a relay
+    recorder = Recorder()
+
+    outbox_relay(publisher=recorder)  # the beat's next run
+
+    assert [t for _, t, _ in recorder.published] == ["E0"]
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_crash_between_publish_and_mark_publishes_again_and_loses_nothing():
     emit("a", "E0")
     emit("a", "E1")

@@ -110,6 +110,8 @@ class Command(BaseCommand):
         for status, n in sorted(outcomes["orders"].items()):
             self.stdout.write(f"  {status:<22}{n:>8}")
         self.stdout.write(f"{'sagas by state':<24}{'count':>8}")
+        if not outcomes["sagas"]:
+            self.stdout.write("  (none: the choreographed flow has no orchestrating saga)")
         for state, n in sorted(outcomes["sagas"].items()):
             self.stdout.write(f"  {state:<22}{n:>8}")
         if outcomes["median_s"] is not None:

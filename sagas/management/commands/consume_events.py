@@ -1,0 +1,80 @@
+"""Read an outbox stream with a Redis consumer group: what a service outside the monolith runs.
+
+    python manage.py consume_events --stream events.order --group fulfillment [--handler NAME]
+
+Each message is acknowledged (XACK) only after it was handled, so a consumer that dies leaves it
+pending; at start and then every --claim-every seconds, messages pending on another consumer for
+longer than --claim-idle ms are claimed (XAUTOCLAIM) and handled here. With --handler, the
+message runs that registered sagas.consumers subscription behind its inbox (a redelivery is a
+no-op); without, it is only shown.
+"""
+
+import os
+import socket
+import time
+
+import redis
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from sagas.consumers import ConsumedEvent, consume
+
+
+class Command(BaseCommand):
+    help = "Consume an outbox Redis stream with a consumer group (XREADGROUP/XACK/XAUTOCLAIM), showing each event."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--stream", required=True, help="e.g. events.order")
+        parser.add_argument("--group", required=True, help="consumer group; created at the stream's start if new")
+        parser.add_argument("--consumer", default=f"{socket.gethostname()}-{os.getpid()}", help="this consumer's name")
+        parser.add_argument("--handler", default=None, help="a registered consumer (sagas.consumers.subscribe) to run")
+        parser.add_argument("--batch", type=int, default=100)
+        parser.add_argument("--block", type=int, default=2000, help="ms to wait for new messages")
+        parser.add_argument("--claim-idle", type=int, default=60_000, help="reclaim messages pending this many ms")
+        parser.add_argument("--claim-every", type=float, default=30.0, help="seconds between reclaim passes")
+        parser.add_argument("--max-messages", type=int, default=None, help="stop after this many (default: run forever)")
+        parser.add_argument("--idle-exit", type=float, default=None, help="stop after this many seconds without messages")
+
+    def handle(self, *args, stream, group, consumer, handler, batch, block, claim_idle, claim_every, max_messages, idle_exit, **options):
+        if not settings.REDIS_URL:
+            raise CommandError("REDIS_URL is not set: the event streams live in Redis")
+        client = redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
+        try:
+            client.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self.stdout.write(f"consuming {stream} as {group}/{consumer}" + (f", handler {handler}" if handler else ""))
+        handled, last_claim, last_message = 0, 0.0, time.monotonic()
+        while max_messages is None or handled < max_messages:
+            entries = []
+            if time.monotonic() - last_claim >= claim_every:
+                _, claimed, *_ = client.xautoclaim(stream, group, consumer, min_idle_time=claim_idle, start_id="0-0", count=batch)
+                entries = [(entry_id, fields) for entry_id, fields in claimed if fields]
+                last_claim = time.monotonic()
+                if entries:
+                    self.stdout.write(f"reclaimed {len(entries)} message(s) left pending by another consumer")
+            if not entries:
+                response = client.xreadgroup(group, consumer, {stream: ">"}, count=batch, block=block)
+                entries = response[0][1] if response else []
+            if not entries:
+                if idle_exit is not None and time.monotonic() - last_message >= idle_exit:
+                    break
+                continue
+            last_message = time.monotonic()
+            for entry_id, fields in entries:
+                outcome = self._handle(handler, fields)
+                client.xack(stream, group, entry_id)
+                handled += 1
+                self.stdout.write(
+                    f"{entry_id} {fields.get('type')} {fields.get('aggregate_type')}:{fields.get('aggregate_id')} {outcome}"
+                )
+                if max_messages is not None and handled >= max_messages:
+                    break
+        self.stdout.write(f"processed {handled} message(s)")
+
+    def _handle(self, handler: str | None, fields: dict) -> str:
+        if handler is None:
+            ConsumedEvent.from_message(fields)  # a malformed message fails here, before the ack
+            return "shown"
+        return "handled" if consume(consumer=handler, message=fields) else "duplicate (inbox)"

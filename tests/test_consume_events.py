@@ -1,0 +1,77 @@
+"""manage.py consume_events: a consumer group over an outbox stream."""
+
+import uuid
+from io import StringIO
+
+import pytest
+import redis
+from django.conf import settings
+from django.core.management import call_command
+from django.db import transaction
+
+from sagas.models import InboxMessage
+from sagas.outbox import outbox_emit
+from sagas.publishers import RedisStreamPublisher
+from sagas.relay import outbox_relay
+from tests.sagaapp.models import Effect
+
+pytestmark = [pytest.mark.services(reason="Redis Streams"), pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def stream():
+    aggregate_type = f"thing{uuid.uuid4().hex[:8]}"
+    yield aggregate_type
+    redis.Redis.from_url(settings.REDIS_URL).delete(f"events.{aggregate_type}")
+
+
+def publish(aggregate_type: str, count: int) -> list[str]:
+    ids = []
+    for _ in range(count):
+        with transaction.atomic():
+            event = outbox_emit(aggregate_type=aggregate_type, aggregate_id=uuid.uuid4(), event_type="THING_HAPPENED", payload={})
+        ids.append(str(event.id))
+    outbox_relay(publisher=RedisStreamPublisher(settings.REDIS_URL))
+    return ids
+
+
+def consume_events(*args) -> str:
+    out = StringIO()
+    call_command("consume_events", *args, "--block", "100", "--idle-exit", "0.5", stdout=out)
+    return out.getvalue()
+
+
+def test_the_group_handles_each_event_once_through_its_inbox_and_acks_it(stream):
+    publish(stream, 3)
+
+    first = consume_events("--stream", f"events.{stream}", "--group", "g1", "--handler", "test-recorder")
+    again = consume_events("--stream", f"events.{stream}", "--group", "g1", "--handler", "test-recorder")
+
+    assert first.count(" handled") == 3 and "processed 3 message(s)" in first
+    assert "processed 0 message(s)" in again, "acknowledged messages are not read again"
+    assert Effect.objects.count() == 3 == InboxMessage.objects.filter(consumer="test-recorder").count()
+    assert redis.Redis.from_url(settings.REDIS_URL).xpending(f"events.{stream}", "g1")["pending"] == 0
+
+
+def test_messages_left_pending_by_a_dead_consumer_are_reclaimed_and_handled(stream):
+    publish(stream, 2)
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.xgroup_create(f"events.{stream}", "g2", id="0")
+    client.xreadgroup("g2", "dead-consumer", {f"events.{stream}": ">"}, count=10)  # read, never acked
+
+    output = consume_events("--stream", f"events.{stream}", "--group", "g2", "--handler", "test-recorder", "--claim-idle", "0")
+
+    assert "reclaimed 2 message(s)" in output and output.count(" handled") == 2
+    assert client.xpending(f"events.{stream}", "g2")["pending"] == 0
+
+
+def test_without_a_handler_events_are_shown_and_a_redelivered_one_to_a_handler_is_a_duplicate(stream):
+    publish(stream, 1)
+    consume_events("--stream", f"events.{stream}", "--group", "g3", "--handler", "test-recorder")
+
+    shown = consume_events("--stream", f"events.{stream}", "--group", "g4")
+    duplicate = consume_events("--stream", f"events.{stream}", "--group", "g5", "--handler", "test-recorder")
+
+    assert " shown" in shown and "THING_HAPPENED" in shown
+    assert "duplicate (inbox)" in duplicate
+    assert Effect.objects.count() == 1
