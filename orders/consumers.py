@@ -14,6 +14,6 @@ def on_order_progress(event: ConsumedEvent) -> None:
     order_id = event.payload["order_id"]
     if event.type == "INVENTORY_RESERVED":
         order_confirm(order_id=order_id, now=timezone.now())
-    else:
+    elif event.type in ("PAYMENT_FAILED", "STOCK_UNAVAILABLE"):
         reason = f"{event.type.lower().replace('_', ' ')}: {event.payload.get('reason', '')}"
         order_mark_cancelled(order_id=order_id, reason=reason, now=timezone.now())

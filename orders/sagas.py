@@ -45,7 +45,9 @@ def process_payment(ctx: StepContext) -> dict:
 
 
 def payment_failed(ctx: StepContext, error: BaseException) -> None:
-    _failure_event(ctx, "PAYMENT_FAILED", error)
+    # Only a refusal: after exhausted transient errors the provider may well have charged.
+    if isinstance(error, PaymentFailed):
+        _failure_event(ctx, "PAYMENT_FAILED", error)
 
 
 def stock_unavailable(ctx: StepContext, error: BaseException) -> None:

@@ -18,13 +18,15 @@ def charge_key(order_id: str) -> str:
 
 @subscribe("payments", events=["ORDER_CREATED", "ORDER_CANCELLED"])
 def on_order_event(event: ConsumedEvent) -> None:
-    if event.payload.get("flow") != CHOREOGRAPHED and event.type == "ORDER_CREATED":
-        return  # the orchestrated flow's saga charges through its own step
     order_id = event.payload["order_id"]
     now = timezone.now()
     if event.type == "ORDER_CANCELLED":
-        payment_refund(idempotency_key=charge_key(order_id), now=now)  # a no-op when nothing was charged
+        # A no-op when nothing was charged under this key (and for orchestrated orders, whose saga
+        # refunds under its own step key).
+        payment_refund(idempotency_key=charge_key(order_id), now=now)
         return
+    if event.type != "ORDER_CREATED" or event.payload.get("flow") != CHOREOGRAPHED:
+        return  # the orchestrated flow's saga charges through its own step
     try:
         payment_charge(
             idempotency_key=charge_key(order_id),

@@ -14,11 +14,12 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import signature
 from django.db import IntegrityError, transaction
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -83,19 +84,20 @@ def subscribers(event_type: str) -> list[str]:
 
 def deliver(event: OutboxEvent) -> None:
     """Send the event to each subscribed consumer as a `sagas.consume_event` task."""
-    from sagas.publishers import message
-
     for consumer in subscribers(event.event_type):
-        signature("sagas.consume_event", kwargs={"consumer": consumer, "message": message(event)}).apply_async()
+        _send(consumer, event)
 
 
 def consume(*, consumer: str, message: Mapping[str, str], now: datetime | None = None) -> bool:
     """Run `consumer`'s handler for this event unless its inbox already has it. The inbox row and
-    the handler's writes commit together. Returns False for a duplicate. Raises what the handler raises."""
+    the handler's writes commit together. Returns False for a duplicate or an event type the
+    consumer did not subscribe to. Raises what the handler raises."""
     subscription = _subscriptions.get(consumer)
     if subscription is None:
         raise LookupError(f"no consumer {consumer!r} is registered in this process")
     event = ConsumedEvent.from_message(message)
+    if event.type not in subscription.events:
+        return False  # e.g. consume_events --handler reading a stream that carries other types too
     with transaction.atomic():
         try:
             with transaction.atomic():
@@ -107,3 +109,35 @@ def consume(*, consumer: str, message: Mapping[str, str], now: datetime | None =
             return False
         subscription.handler(event)
     return True
+
+
+def consumers_redeliver(*, now: datetime, min_age: timedelta, window: timedelta, limit: int = 500) -> int:
+    """Send again each published event that a subscribed consumer has no inbox row for, published
+    between `window` and `min_age` ago: its task message was lost (broker flush, a worker killed
+    under the embedded broker) or its retries ran out. Safe because handlers sit behind the inbox.
+    Returns how many deliveries it sent."""
+    sent = 0
+    for name, subscription in sorted(_subscriptions.items()):
+        handled = InboxMessage.objects.filter(consumer=name, event_id=OuterRef("id"))
+        missing = (
+            OutboxEvent.objects.filter(
+                event_type__in=subscription.events, published_at__lt=now - min_age, published_at__gte=now - window
+            )
+            .exclude(Exists(handled))
+            .order_by("sequence")[:limit]
+        )
+        for event in missing:
+            _send(name, event, redelivery=True)
+            sent += 1
+    if sent:
+        log.warning("consumers_redelivered count=%s", sent)
+    return sent
+
+
+def _send(consumer: str, event: OutboxEvent, *, redelivery: bool = False) -> None:
+    from sagas.publishers import message
+
+    kwargs = {"consumer": consumer, "message": message(event)}
+    if redelivery:
+        kwargs["redelivery"] = True
+    signature("sagas.consume_event", kwargs=kwargs).apply_async()

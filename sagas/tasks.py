@@ -2,15 +2,17 @@
 outcome into what Celery should do with the message."""
 
 import logging
+from datetime import timedelta
 
 from celery import shared_task
 from celery.exceptions import Ignore
+from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 
 from sagas import consumers, relay, runner, services
+from sagas.exceptions import BusinessError, SagaNotFound
 from sagas.publishers import configured_publisher
-from sagas.exceptions import SagaNotFound
 
 log = logging.getLogger("sagas")
 
@@ -92,14 +94,28 @@ def outbox_cleanup() -> int:
 
 
 @shared_task(bind=True, name="sagas.consume_event", acks_late=True, reject_on_worker_lost=True, max_retries=8, **INFRASTRUCTURE_RETRY)
-def consume_event(self, *, consumer: str, message: dict) -> None:
-    """One event for one consumer, behind its inbox. A failing handler is retried with backoff."""
+def consume_event(self, *, consumer: str, message: dict, redelivery: bool = False) -> None:
+    """One event for one consumer, behind its inbox. A failing handler is retried with backoff; a
+    business failure is not. What still fails is sent again by sagas.consumers_redeliver."""
     try:
         consumers.consume(consumer=consumer, message=message)
     except (OperationalError, InterfaceError):
         raise
+    except BusinessError as exc:
+        log.error("consume_refused consumer=%s event=%s type=%s: %s", consumer, message.get("id"), message.get("type"), exc)
     except Exception as exc:  # noqa: BLE001 - the boundary around user handlers: retried, then logged
-        if self.request.retries >= self.max_retries:
-            log.error("consume_failed consumer=%s event=%s: %s (giving up)", consumer, message.get("id"), exc)
+        if redelivery or self.request.retries >= self.max_retries:
+            log.error("consume_failed consumer=%s event=%s: %s (the redelivery sweep tries again)", consumer, message.get("id"), exc)
             raise
         raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
+
+
+@shared_task(name="sagas.consumers_redeliver", acks_late=True, ignore_result=True, **INFRASTRUCTURE_RETRY)
+def consumers_redeliver() -> int:
+    if "consumers" not in settings.OUTBOX_PUBLISHER:
+        return 0  # events go to external consumers only
+    return consumers.consumers_redeliver(
+        now=timezone.now(),
+        min_age=timedelta(seconds=settings.CONSUMER_REDELIVER_AFTER),
+        window=timedelta(hours=settings.CONSUMER_REDELIVER_WINDOW_HOURS),
+    )

@@ -75,3 +75,23 @@ def test_without_a_handler_events_are_shown_and_a_redelivered_one_to_a_handler_i
     assert " shown" in shown and "THING_HAPPENED" in shown
     assert "duplicate (inbox)" in duplicate
     assert Effect.objects.count() == 1
+
+
+def test_a_message_that_keeps_failing_is_retried_then_dead_lettered_without_stalling_the_stream(stream):
+    with transaction.atomic():
+        outbox_emit(aggregate_type=stream, aggregate_id=uuid.uuid4(), event_type="THING_HAPPENED", payload={"fail": True})
+    publish(stream, 1)
+    client = redis.Redis.from_url(settings.REDIS_URL)
+
+    output = consume_events(
+        "--stream", f"events.{stream}", "--group", "g6", "--handler", "test-recorder",
+        "--claim-idle", "0", "--claim-every", "0", "--max-deliveries", "2",
+    )
+
+    assert "failed (try 1 of 2)" in output and "dead-lettered after 2 tries" in output
+    assert " handled" in output, "the good message behind it was handled"
+    assert Effect.objects.count() == 1
+    assert client.xpending(f"events.{stream}", "g6")["pending"] == 0
+    [(_, dead)] = client.xrange(f"events.{stream}.dead-letter")
+    client.delete(f"events.{stream}.dead-letter")
+    assert b"the handler failed" in dead[b"error"]

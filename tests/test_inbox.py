@@ -60,3 +60,40 @@ def test_events_published_twice_to_consumer_tasks_on_a_real_worker_take_effect_o
     time.sleep(0.5)  # give the duplicates time to be (not) applied
     for event in events:
         assert Effect.objects.filter(saga_id=event.aggregate_id).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_event_type_the_consumer_did_not_subscribe_to_is_not_handled():
+    with transaction.atomic():
+        other = outbox_emit(aggregate_type="thing", aggregate_id=uuid.uuid4(), event_type="OTHER_THING", payload={})
+
+    handled = consume(consumer="test-recorder", message=message(other))
+
+    assert handled is False
+    assert not Effect.objects.exists() and not InboxMessage.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_event_whose_delivery_was_lost_is_delivered_again_by_the_sweep(saga_worker):
+    import time
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from sagas.consumers import consumers_redeliver
+    from sagas.models import OutboxEvent
+
+    lost = an_event()  # published, but its consumer task never arrived (e.g. the broker was flushed)
+    OutboxEvent.objects.filter(pk=lost.pk).update(published_at=timezone.now() - timedelta(minutes=5))
+    handled_meanwhile = an_event()
+    consume(consumer="test-recorder", message=message(handled_meanwhile))
+    OutboxEvent.objects.filter(pk=handled_meanwhile.pk).update(published_at=timezone.now() - timedelta(minutes=5))
+
+    sent = consumers_redeliver(now=timezone.now(), min_age=timedelta(seconds=60), window=timedelta(hours=1))
+
+    assert sent == 1, "only the event without an inbox row"
+    deadline = time.monotonic() + 20
+    while not InboxMessage.objects.filter(event_id=lost.id).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert Effect.objects.filter(saga_id=lost.aggregate_id).count() == 1
+    assert consumers_redeliver(now=timezone.now(), min_age=timedelta(seconds=60), window=timedelta(hours=1)) == 0

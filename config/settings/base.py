@@ -116,6 +116,7 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": 10},
     },
     "outbox-cleanup": {"task": "sagas.outbox_cleanup", "schedule": timedelta(hours=1)},
+    "consumers-redeliver": {"task": "sagas.consumers_redeliver", "schedule": timedelta(seconds=60), "options": {"expires": 60}},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
@@ -196,3 +197,7 @@ OUTBOX_RETRY_BACKOFF = env_float("OUTBOX_RETRY_BACKOFF", 1.0)
 OUTBOX_RETRY_MAX_DELAY = env_float("OUTBOX_RETRY_MAX_DELAY", 300.0)
 OUTBOX_RETENTION_HOURS = env_int("OUTBOX_RETENTION_HOURS", 168)
 OUTBOX_STREAM_MAXLEN = env_int("OUTBOX_STREAM_MAXLEN", 1_000_000)
+# Events a consumer has not handled this many seconds after publication are delivered again
+# (lost messages, exhausted retries), for as long as the window lasts.
+CONSUMER_REDELIVER_AFTER = env_int("CONSUMER_REDELIVER_AFTER", 60)
+CONSUMER_REDELIVER_WINDOW_HOURS = env_int("CONSUMER_REDELIVER_WINDOW_HOURS", 24)

@@ -6,7 +6,9 @@ Each message is acknowledged (XACK) only after it was handled, so a consumer tha
 pending; at start and then every --claim-every seconds, messages pending on another consumer for
 longer than --claim-idle ms are claimed (XAUTOCLAIM) and handled here. With --handler, the
 message runs that registered sagas.consumers subscription behind its inbox (a redelivery is a
-no-op); without, it is only shown.
+no-op); without, it is only shown. A message whose handling fails stays pending and is retried
+by a later reclaim; after --max-deliveries it is copied to `<stream>.dead-letter` and acked, so
+one bad message cannot stall the stream.
 """
 
 import os
@@ -32,10 +34,14 @@ class Command(BaseCommand):
         parser.add_argument("--block", type=int, default=2000, help="ms to wait for new messages")
         parser.add_argument("--claim-idle", type=int, default=60_000, help="reclaim messages pending this many ms")
         parser.add_argument("--claim-every", type=float, default=30.0, help="seconds between reclaim passes")
+        parser.add_argument("--max-deliveries", type=int, default=5, help="tries before a message is dead-lettered")
         parser.add_argument("--max-messages", type=int, default=None, help="stop after this many (default: run forever)")
         parser.add_argument("--idle-exit", type=float, default=None, help="stop after this many seconds without messages")
 
-    def handle(self, *args, stream, group, consumer, handler, batch, block, claim_idle, claim_every, max_messages, idle_exit, **options):
+    def handle(
+        self, *args, stream, group, consumer, handler, batch, block, claim_idle, claim_every, max_deliveries, max_messages,
+        idle_exit, **options,
+    ):
         if not settings.REDIS_URL:
             raise CommandError("REDIS_URL is not set: the event streams live in Redis")
         client = redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
@@ -45,13 +51,16 @@ class Command(BaseCommand):
             if "BUSYGROUP" not in str(exc):
                 raise
         self.stdout.write(f"consuming {stream} as {group}/{consumer}" + (f", handler {handler}" if handler else ""))
-        handled, last_claim, last_message = 0, 0.0, time.monotonic()
+        handled, last_claim, last_message, claim_cursor = 0, 0.0, time.monotonic(), "0-0"
         while max_messages is None or handled < max_messages:
             entries = []
             if time.monotonic() - last_claim >= claim_every:
-                _, claimed, *_ = client.xautoclaim(stream, group, consumer, min_idle_time=claim_idle, start_id="0-0", count=batch)
+                claim_cursor, claimed, *_ = client.xautoclaim(
+                    stream, group, consumer, min_idle_time=claim_idle, start_id=claim_cursor, count=batch
+                )
                 entries = [(entry_id, fields) for entry_id, fields in claimed if fields]
-                last_claim = time.monotonic()
+                if claim_cursor == "0-0":  # the scan wrapped: wait for the next pass
+                    last_claim = time.monotonic()
                 if entries:
                     self.stdout.write(f"reclaimed {len(entries)} message(s) left pending by another consumer")
             if not entries:
@@ -63,7 +72,12 @@ class Command(BaseCommand):
                 continue
             last_message = time.monotonic()
             for entry_id, fields in entries:
-                outcome = self._handle(handler, fields)
+                try:
+                    outcome = self._handle(handler, fields)
+                except Exception as exc:  # noqa: BLE001 - the process boundary: recorded, never stalls the stream
+                    outcome = self._failed(client, stream, group, entry_id, fields, exc, max_deliveries)
+                    if outcome is None:
+                        continue
                 client.xack(stream, group, entry_id)
                 handled += 1
                 self.stdout.write(
@@ -72,6 +86,16 @@ class Command(BaseCommand):
                 if max_messages is not None and handled >= max_messages:
                     break
         self.stdout.write(f"processed {handled} message(s)")
+
+    def _failed(self, client, stream, group, entry_id, fields, exc, max_deliveries) -> str | None:
+        """None: left pending for a later try; else the outcome of dead-lettering it (then acked)."""
+        [pending] = client.xpending_range(stream, group, min=entry_id, max=entry_id, count=1)
+        tries = pending["times_delivered"]
+        if tries < max_deliveries:
+            self.stdout.write(f"{entry_id} {fields.get('type')} failed (try {tries} of {max_deliveries}): {exc}; left pending")
+            return None
+        client.xadd(f"{stream}.dead-letter", {**fields, "error": f"{type(exc).__name__}: {exc}", "group": group})
+        return f"dead-lettered after {tries} tries: {exc}"
 
     def _handle(self, handler: str | None, fields: dict) -> str:
         if handler is None:
