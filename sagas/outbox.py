@@ -35,6 +35,13 @@ def outbox_emit(
     """Record an event to publish. Must run inside transaction.atomic; raises OutsideTransaction."""
     if not connection.in_atomic_block:
         raise OutsideTransaction(f"{event_type} for {aggregate_type}:{aggregate_id} must be emitted inside transaction.atomic")
+    if connection.vendor == "postgresql":
+        # Sequence numbers are taken at insert, but transactions commit in their own order: two
+        # concurrent transactions emitting for one aggregate could commit n+1 before n, and the
+        # relay would publish them in that order. Serialising emitters per aggregate (until they
+        # commit) makes sequence order the commit order. SQLite writers are serial already.
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"outbox:{aggregate_type}:{aggregate_id}"])
     if not any(callback is _kick_relay for _, callback, _ in connection.run_on_commit):
         # Publish right after the commit instead of waiting for the beat (once per transaction;
         # robust: a broker hiccup must not fail the committed request, the beat covers it).

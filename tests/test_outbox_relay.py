@@ -316,3 +316,35 @@ def test_staff_list_and_replay_dead_lettered_events_and_health_counts_them(setti
     assert replayed.status_code == 202 and replayed.json()["dead_lettered_at"] is None
     assert again.status_code == 409
     assert APIClient().get("/api/outbox/dead-letter/").status_code == 401
+
+
+@services_only
+@pytest.mark.django_db(transaction=True)
+def test_two_transactions_emitting_for_one_aggregate_publish_in_commit_order():
+    first_emitted, release = threading.Event(), threading.Event()
+
+    def slow_first():
+        with transaction.atomic():
+            outbox_emit(aggregate_type="thing", aggregate_id="same", event_type="FIRST", payload={})
+            first_emitted.set()
+            release.wait(10)
+        connection.close()
+
+    def second():
+        emit("same", "SECOND")  # waits for the first transaction, so it commits after it
+        connection.close()
+
+    writer = threading.Thread(target=slow_first)
+    writer.start()
+    first_emitted.wait(10)
+    follower = threading.Thread(target=second)
+    follower.start()
+    follower.join(0.5)
+    recorder = Recorder()
+    outbox_relay(publisher=recorder)  # nothing of the aggregate may go out before FIRST commits
+    release.set()
+    writer.join()
+    follower.join(10)
+    outbox_relay(publisher=recorder)
+
+    assert [t for _, t, _ in recorder.published] == ["FIRST", "SECOND"]
