@@ -19,11 +19,11 @@ from typing import Any
 
 from celery import signature
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from sagas.models import InboxMessage, OutboxEvent
+from sagas.models import ConsumerDelivery, InboxMessage, OutboxEvent
 
 log = logging.getLogger("sagas.consumers")
 
@@ -88,16 +88,25 @@ def deliver(event: OutboxEvent) -> None:
         _send(consumer, event)
 
 
-def consume(*, consumer: str, message: Mapping[str, str], now: datetime | None = None) -> bool:
+def consume(
+    *, consumer: str, message: Mapping[str, str], now: datetime | None = None, max_deliveries: int | None = None
+) -> bool:
     """Run `consumer`'s handler for this event unless its inbox already has it. The inbox row and
-    the handler's writes commit together. Returns False for a duplicate or an event type the
-    consumer did not subscribe to. Raises what the handler raises."""
+    the handler's writes commit together. Returns False for a duplicate, an event type the consumer
+    did not subscribe to, or (with max_deliveries) an event delivered more often than that without
+    finishing, e.g. because its handler kills the worker. Raises what the handler raises."""
     subscription = _subscriptions.get(consumer)
     if subscription is None:
         raise LookupError(f"no consumer {consumer!r} is registered in this process")
     event = ConsumedEvent.from_message(message)
     if event.type not in subscription.events:
         return False  # e.g. consume_events --handler reading a stream that carries other types too
+    if max_deliveries is not None and _count_delivery(consumer, event.id) > max_deliveries:
+        log.error(
+            "consume_given_up consumer=%s event=%s type=%s: delivered more than %s times without finishing",
+            consumer, event.id, event.type, max_deliveries,
+        )
+        return False
     with transaction.atomic():
         try:
             with transaction.atomic():
@@ -109,6 +118,16 @@ def consume(*, consumer: str, message: Mapping[str, str], now: datetime | None =
             return False
         subscription.handler(event)
     return True
+
+
+def _count_delivery(consumer: str, event_id: str) -> int:
+    """Count this delivery in its own committed transaction (it must survive the worker dying)."""
+    with transaction.atomic():
+        row, _ = ConsumerDelivery.objects.select_for_update().get_or_create(consumer=consumer, event_id=event_id)
+        row.deliveries = F("deliveries") + 1
+        row.save(update_fields=["deliveries"])
+        row.refresh_from_db(fields=["deliveries"])
+    return row.deliveries
 
 
 def consumers_redeliver(*, now: datetime, min_age: timedelta, window: timedelta, limit: int = 500) -> int:

@@ -171,3 +171,15 @@ class InboxMessage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.consumer} <- {self.event_type} {self.event_id}"
+
+
+class ConsumerDelivery(models.Model):
+    """How often an event was delivered to a consumer, counted before the handler runs (and
+    committed on its own), so a handler that kills its worker every time is given up on."""
+
+    consumer = models.CharField(max_length=100)
+    event_id = models.UUIDField()
+    deliveries = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["consumer", "event_id"], name="consumer_delivery_once")]

@@ -98,7 +98,7 @@ def consume_event(self, *, consumer: str, message: dict, redelivery: bool = Fals
     """One event for one consumer, behind its inbox. A failing handler is retried with backoff; a
     business failure is not. What still fails is sent again by sagas.consumers_redeliver."""
     try:
-        consumers.consume(consumer=consumer, message=message)
+        consumers.consume(consumer=consumer, message=message, max_deliveries=settings.CONSUMER_MAX_DELIVERIES)
     except (OperationalError, InterfaceError):
         raise
     except BusinessError as exc:

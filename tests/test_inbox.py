@@ -97,3 +97,34 @@ def test_an_event_whose_delivery_was_lost_is_delivered_again_by_the_sweep(saga_w
         time.sleep(0.1)
     assert Effect.objects.filter(saga_id=lost.aggregate_id).count() == 1
     assert consumers_redeliver(now=timezone.now(), min_age=timedelta(seconds=60), window=timedelta(hours=1)) == 0
+
+
+@pytest.mark.services(reason="needs Redis redelivery of a killed pool child's message")
+@pytest.mark.django_db(transaction=True)
+def test_a_handler_that_kills_its_worker_every_time_is_given_up_after_its_delivery_budget(saga_worker, settings):
+    import time
+
+    from sagas.models import ConsumerDelivery
+
+    event = an_event(crash=True)
+
+    ConsumerTaskPublisher().publish([event])
+
+    def deliveries() -> int:
+        row = ConsumerDelivery.objects.filter(event_id=event.id).first()
+        return row.deliveries if row else 0
+
+    deadline, last, stable_since = time.monotonic() + 60, -1, time.monotonic()
+    while time.monotonic() < deadline:  # until the count exceeds the budget and then stops moving
+        now_count = deliveries()
+        if now_count != last:
+            last, stable_since = now_count, time.monotonic()
+        elif now_count > settings.CONSUMER_MAX_DELIVERIES and time.monotonic() - stable_since > 3:
+            break
+        time.sleep(0.2)
+
+    # A killed child's message may come back twice (requeue and restore); those copies are
+    # absorbed without running the handler, so the count settles just past the budget.
+    assert settings.CONSUMER_MAX_DELIVERIES < last <= 2 * (settings.CONSUMER_MAX_DELIVERIES + 1)
+    assert time.monotonic() < deadline, "deliveries never stopped"
+    assert not InboxMessage.objects.filter(event_id=event.id).exists()

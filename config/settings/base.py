@@ -201,3 +201,5 @@ OUTBOX_STREAM_MAXLEN = env_int("OUTBOX_STREAM_MAXLEN", 1_000_000)
 # (lost messages, exhausted retries), for as long as the window lasts.
 CONSUMER_REDELIVER_AFTER = env_int("CONSUMER_REDELIVER_AFTER", 60)
 CONSUMER_REDELIVER_WINDOW_HOURS = env_int("CONSUMER_REDELIVER_WINDOW_HOURS", 24)
+# A consumer task delivered this many times without finishing (its handler kills the worker) is given up.
+CONSUMER_MAX_DELIVERIES = env_int("CONSUMER_MAX_DELIVERIES", 20)

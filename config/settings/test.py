@@ -54,3 +54,4 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 INSTALLED_APPS = [*INSTALLED_APPS, "tests.sagaapp"]
 PAYMENTS_PROVIDER_PATH = os.environ.get("PAYMENTS_PROVIDER_PATH") or str(VAR_DIR / "test-payment-provider.sqlite3")
 OUTBOX_PUBLISHER = os.environ.get("OUTBOX_PUBLISHER") or ("redis,consumers" if REDIS_URL else "consumers")
+CONSUMER_MAX_DELIVERIES = 3

@@ -11,4 +11,6 @@ from tests.sagaapp.models import Effect
 def record_thing(event: ConsumedEvent) -> None:
     if event.payload.get("fail"):
         raise ValueError("the handler failed")
+    if event.payload.get("crash"):
+        os.kill(os.getpid(), 9)  # the worker process dies mid-handler
     Effect.objects.create(saga_id=uuid.UUID(event.aggregate_id), step=event.type, direction="event", pid=os.getpid())
