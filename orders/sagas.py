@@ -62,7 +62,7 @@ def _failure_event(ctx: StepContext, event_type: str, error: BaseException) -> N
 
 
 def refund_payment(ctx: StepContext) -> None:
-    payment_refund(idempotency_key=ctx.idempotency_key, now=ctx.now)
+    payment_refund(idempotency_key=ctx.idempotency_key, reference=ctx.input["order_id"], now=ctx.now)
 
 
 def notify_fulfillment(ctx: StepContext) -> None:
@@ -86,6 +86,7 @@ place_order = Saga("place_order", version=1, steps=[
     Step("create_order", action=create_order, compensation=cancel_order),
     Step("reserve_inventory", action=reserve_inventory, compensation=release_inventory, on_failure=stock_unavailable),
     Step("process_payment", action=process_payment, compensation=refund_payment, on_failure=payment_failed,
+         compensate_uncertain=True,
          retry=Retry(max_attempts=5, backoff=0.5, max_delay=5.0, non_retryable=(PaymentFailed,))),
     Step("notify_fulfillment", action=notify_fulfillment),
 ], on_finish=release_order)

@@ -23,7 +23,7 @@ def on_order_event(event: ConsumedEvent) -> None:
     if event.type == "ORDER_CANCELLED":
         # A no-op when nothing was charged under this key (and for orchestrated orders, whose saga
         # refunds under its own step key).
-        payment_refund(idempotency_key=charge_key(order_id), now=now)
+        payment_refund(idempotency_key=charge_key(order_id), reference=order_id, now=now)
         return
     if event.type != "ORDER_CREATED" or event.payload.get("flow") != CHOREOGRAPHED:
         return  # the orchestrated flow's saga charges through its own step

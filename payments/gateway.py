@@ -11,6 +11,8 @@ The order's payment method picks the behaviour:
     pm_insufficient_funds  InsufficientFunds (business failure)
     pm_flaky               GatewayUnavailable twice per key, then succeeds
     pm_timeout             charges, then GatewayTimeout (the response is lost); a retry finds the charge
+    pm_blackhole           charges, and every response is lost: the step gives up with the charge made,
+                           and only a refund that looks the charge up by key gives the money back
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from django.conf import settings
 
 from sagas import BusinessError, TransientError
 
-PAYMENT_METHODS = ("pm_ok", "pm_declined", "pm_insufficient_funds", "pm_flaky", "pm_timeout")
+PAYMENT_METHODS = ("pm_ok", "pm_declined", "pm_insufficient_funds", "pm_flaky", "pm_timeout", "pm_blackhole")
 
 
 class PaymentFailed(BusinessError):
@@ -96,6 +98,8 @@ class SimulatedProvider:
             row = db.execute("SELECT reference, amount, currency FROM charges WHERE key = ?", (key,)).fetchone()
             if row is not None:
                 db.execute("COMMIT")
+                if method == "pm_blackhole":
+                    raise GatewayTimeout("no response from the provider within the timeout")
                 return ProviderCharge(row[0], Decimal(row[1]), row[2])
             if method == "pm_declined":
                 db.execute("COMMIT")
@@ -115,9 +119,15 @@ class SimulatedProvider:
                 (key, reference, str(amount), currency, method),
             )
             db.execute("COMMIT")
-        if method == "pm_timeout" and calls == 1:
+        if (method == "pm_timeout" and calls == 1) or method == "pm_blackhole":
             raise GatewayTimeout("no response from the provider within the timeout")
         return ProviderCharge(reference, amount, currency)
+
+    def find_charge(self, *, key: str) -> ProviderCharge | None:
+        """The charge made with this idempotency key, if any (how a client reconciles a lost response)."""
+        with closing(self._connect()) as db:
+            row = db.execute("SELECT reference, amount, currency FROM charges WHERE key = ?", (key,)).fetchone()
+        return ProviderCharge(row[0], Decimal(row[1]), row[2]) if row else None
 
     def refund(self, *, key: str, charge_reference: str, amount: Decimal) -> ProviderRefund:
         """Refund once per key."""

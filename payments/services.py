@@ -43,10 +43,14 @@ def payment_charge(
 
 
 @transaction.atomic
-def payment_refund(*, idempotency_key: str, now: datetime) -> Refund | None:
+def payment_refund(*, idempotency_key: str, now: datetime, reference: str | None = None) -> Refund | None:
     """Refund the charge made with `idempotency_key` in full, once. A no-op (None) when no
-    charge was made. Raises GatewayError (transient)."""
+    charge was made. When we never learnt of the charge (every response was lost) but the
+    provider made it, it is recorded from the provider first (needs `reference`, what was paid
+    for). Raises GatewayError (transient)."""
     payment = Payment.objects.select_for_update().filter(idempotency_key=idempotency_key).first()
+    if payment is None and reference is not None:
+        payment = _payment_reconcile(idempotency_key=idempotency_key, reference=reference, now=now)
     if payment is None:
         return None
     existing = Refund.objects.filter(payment=payment).first()
@@ -71,3 +75,18 @@ def payment_refund(*, idempotency_key: str, now: datetime) -> Refund | None:
         now=now,
     )
     return refund
+
+
+def _payment_reconcile(*, idempotency_key: str, reference: str, now: datetime) -> Payment | None:
+    charge = gateway().find_charge(key=idempotency_key)
+    if charge is None:
+        return None
+    return Payment.objects.create(
+        idempotency_key=idempotency_key,
+        reference=reference,
+        amount=charge.amount,
+        currency=charge.currency,
+        method="reconciled",
+        provider_reference=charge.reference,
+        created_at=now,
+    )

@@ -111,6 +111,10 @@ class Step:
     # Called as on_failure(context, error) when the action fails for good, in the transaction that
     # records the failure (the action's own writes are rolled back): e.g. emit a PAYMENT_FAILED event.
     on_failure: Callable[[StepContext, BaseException], None] | None = None
+    # Also compensate this step when it FAILED with an uncertain outcome (not a business refusal):
+    # for external calls such as a charge whose response was lost on every try. Its compensation
+    # must find out by the idempotency key whether the effect happened.
+    compensate_uncertain: bool = False
 
     def policy(self, direction: str) -> Retry:
         return self.retry if direction == FORWARD else self.compensation_retry

@@ -85,6 +85,9 @@ class StepExecution(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
+    # FAILED without a business refusal (retries exhausted, worker lost, abandoned): its effect
+    # outside our database may have happened. See Step.compensate_uncertain.
+    outcome_uncertain = models.BooleanField(default=False)
     result = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder)
 
     class Meta:

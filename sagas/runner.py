@@ -25,7 +25,7 @@ from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from sagas.definition import FORWARD, HARD_LIMIT_GRACE, Saga, Step, StepContext, get_definition
-from sagas.exceptions import SagaNotFound, StepFailedEarlier, WorkerLostTooOften
+from sagas.exceptions import BusinessError, SagaNotFound, StepFailedEarlier, WorkerLostTooOften
 from sagas.faults import InjectedBusinessError, InjectedTransientError, fault_take
 from sagas.locks import lock_saga, lock_step
 from sagas.log import transition
@@ -126,6 +126,7 @@ def step_failure_handle(*, saga_id: UUID | str, step_name: str, direction: str, 
                 error=execution.last_error
                 or f"task {failed_task_id} failed without recording an outcome (time limit or crash)",
             )
+            execution.outcome_uncertain = True
             execution.save()
         if direction == FORWARD:
             if saga.state in RUNS_FORWARD:
@@ -172,6 +173,7 @@ def _record_delivery(saga_id, definition: Saga, step: Step, direction: str, *, n
                 "(worker lost or hard time limit)"
             )
             _mark(saga, execution, StepState.FAILED, now=now, error=str(failure))
+            execution.outcome_uncertain = True
         else:
             if unfinished:
                 log.warning(
@@ -258,6 +260,7 @@ def _execute(
             saga.save(update_fields=["updated_at", "stuck_after"])
             return StepResult(Outcome.RETRY, countdown=countdown, error=error)
         _mark(saga, execution, StepState.FAILED, now=now, error=detail)
+        execution.outcome_uncertain = not isinstance(error, BusinessError)
         execution.save()
         if direction == FORWARD and step.on_failure is not None:
             step.on_failure(context, error)

@@ -193,18 +193,19 @@ def saga_begin_compensation(saga: SagaInstance, definition: Saga, *, reason: str
     """Switch a running saga to COMPENSATING and send the compensations of the steps the saga log
     shows COMPLETED, newest first. The caller holds the saga row lock."""
     forward = lock_steps(saga, FORWARD)
-    completed = sorted(
-        (e for e in forward if e.state == StepState.COMPLETED and definition.step(e.name).compensation),
-        key=lambda e: e.position,
-        reverse=True,
-    )
     for execution in forward:
         if execution.state in (StepState.RUNNING, StepState.RETRYING):
             # Its pending message will find the saga compensating and be dropped.
             execution.state = StepState.FAILED
             execution.last_error = execution.last_error or f"abandoned: {reason}"
             execution.finished_at = now
-            execution.save(update_fields=["state", "last_error", "finished_at"])
+            execution.outcome_uncertain = True
+            execution.save(update_fields=["state", "last_error", "finished_at", "outcome_uncertain"])
+    completed = sorted(
+        (e for e in forward if definition.step(e.name).compensation and _took_or_may_have_taken_effect(e, definition)),
+        key=lambda e: e.position,
+        reverse=True,
+    )
     existing = {e.name for e in lock_steps(saga, COMPENSATE)}
     StepExecution.objects.bulk_create(
         StepExecution(saga=saga, name=e.name, position=e.position, direction=COMPENSATE)
@@ -216,6 +217,13 @@ def saga_begin_compensation(saga: SagaInstance, definition: Saga, *, reason: str
     saga.stuck_after = _stuck_after(now, max((definition.step(e.name).timeout for e in completed), default=1.0))
     saga.save()
     saga_advance(saga, definition, now=now)
+
+
+def _took_or_may_have_taken_effect(execution: StepExecution, definition: Saga) -> bool:
+    if execution.state == StepState.COMPLETED:
+        return True
+    uncertain = execution.state == StepState.FAILED and execution.outcome_uncertain
+    return uncertain and definition.step(execution.name).compensate_uncertain
 
 
 def saga_finish_compensation_if_done(saga: SagaInstance, *, now: datetime) -> None:

@@ -112,3 +112,19 @@ def test_a_failure_after_payment_refunds_it(saga_worker, provider):
     assert charged_minus_refunded(order) == 0
     assert list(provider.refunds().values()) == [order.total]
     assert_shop_invariants()
+
+
+def test_a_charge_whose_every_response_was_lost_is_found_by_key_and_refunded(saga_worker, provider):
+    product = a_product(on_hand=10)
+
+    order, saga = finished(an_order(lines=[(product.sku, 1)], payment_method="pm_blackhole"))
+
+    assert (order.status, saga.state) == (OrderStatus.CANCELLED, SagaState.COMPENSATED), timeline(saga.id)
+    payment_step = saga.steps.get(name="process_payment", direction=Direction.FORWARD)
+    assert (payment_step.state, payment_step.outcome_uncertain) == (StepState.FAILED, True)
+    undone = saga.steps.filter(direction=Direction.COMPENSATE).order_by("started_at")
+    assert [s.name for s in undone] == ["process_payment", "reserve_inventory", "create_order"]
+    assert list(provider.charges().values()) == [order.total], "the provider did charge"
+    assert list(provider.refunds().values()) == [order.total], "and the refund found it by key"
+    assert charged_minus_refunded(order) == 0
+    assert_shop_invariants()
