@@ -24,7 +24,7 @@ from orders.services import (
     order_place,
 )
 from payments.gateway import PAYMENT_METHODS
-from sagas.api import SagaOutputSerializer
+from sagas.api import SagaOutputSerializer, filter_by_choice
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
@@ -97,10 +97,6 @@ class OrderOutputSerializer(serializers.Serializer):
         return OrderEventOutputSerializer(order_events(order.id), many=True).data
 
 
-class OrderStatusFilterSerializer(serializers.Serializer):
-    status = serializers.ChoiceField(choices=OrderStatus.choices, required=False)
-
-
 def _orders_of(user):
     return Order.objects.filter(owner=user).select_related("saga").prefetch_related("items", "saga__steps")
 
@@ -122,12 +118,7 @@ class OrderListCreateApi(ListAPIView):
         return super().get(request, *args, **kwargs)
 
     def get_queryset(self):
-        filters = OrderStatusFilterSerializer(data=self.request.query_params)
-        filters.is_valid(raise_exception=True)
-        orders = _orders_of(self.request.user)
-        if "status" in filters.validated_data:
-            orders = orders.filter(status=filters.validated_data["status"])
-        return orders
+        return filter_by_choice(_orders_of(self.request.user), self.request.query_params, "status", OrderStatus.choices)
 
     @extend_schema(
         request=OrderPlaceInputSerializer,

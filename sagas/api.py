@@ -15,6 +15,18 @@ from sagas.selectors import saga_timeline
 from sagas.services import saga_abort, saga_retry_compensation
 
 
+def filter_by_choice(queryset, params, field: str, choices):
+    """`queryset` narrowed to `?<field>=<one of choices>`; a value not among them is a 400 naming the field."""
+    filters = type(f"{field.title()}Filter", (serializers.Serializer,), {field: serializers.ChoiceField(choices=choices, required=False)})(
+        data=params
+    )
+    filters.is_valid(raise_exception=True)
+    if field in filters.validated_data:
+        queryset = queryset.filter(**{field: filters.validated_data[field]})
+    return queryset
+
+
+
 class StepExecutionOutputSerializer(serializers.Serializer):
     name = serializers.CharField()
     direction = serializers.CharField()
@@ -44,10 +56,6 @@ class SagaOutputSerializer(serializers.Serializer):
         return StepExecutionOutputSerializer(saga_timeline(saga), many=True).data
 
 
-class SagaStateFilterSerializer(serializers.Serializer):
-    state = serializers.ChoiceField(choices=SagaState.choices, required=False)
-
-
 class SagaListApi(ListAPIView):
     permission_classes = [IsAdminUser]
     serializer_class = SagaOutputSerializer
@@ -57,12 +65,8 @@ class SagaListApi(ListAPIView):
         return super().get(request, *args, **kwargs)
 
     def get_queryset(self):
-        filters = SagaStateFilterSerializer(data=self.request.query_params)
-        filters.is_valid(raise_exception=True)
-        queryset = SagaInstance.objects.prefetch_related("steps").order_by("-created_at")
-        if "state" in filters.validated_data:
-            queryset = queryset.filter(state=filters.validated_data["state"])
-        return queryset
+        sagas = SagaInstance.objects.prefetch_related("steps").order_by("-created_at")
+        return filter_by_choice(sagas, self.request.query_params, "state", SagaState.choices)
 
 
 class SagaDetailApi(APIView):

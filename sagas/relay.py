@@ -118,7 +118,7 @@ def _record_failure(event: OutboxEvent, error: BaseException, *, policy: Retry, 
     event.save(update_fields=["attempts", "last_error", "next_attempt_at", "dead_lettered_at"])
 
 
-def outbox_replay(*, event_ids, now: datetime | None = None) -> int:
+def outbox_replay(*, event_ids) -> int:
     """Take dead-lettered events out of the dead letter with a fresh retry budget. Returns how many."""
     return OutboxEvent.objects.filter(pk__in=event_ids, dead_lettered_at__isnull=False, published_at__isnull=True).update(
         dead_lettered_at=None, attempts=0, next_attempt_at=None
