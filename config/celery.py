@@ -3,6 +3,7 @@
 import os
 
 from celery import Celery
+from celery.signals import task_prerun
 
 import config.broker  # noqa: F401 - registers the embedded broker's URL prefix
 
@@ -11,3 +12,13 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 app = Celery("chainsaga")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@task_prerun.connect
+def _drop_unusable_db_connections(**kwargs) -> None:
+    """What Django does before each request: close a connection that saw an error and no longer
+    works (e.g. PostgreSQL restarted) or that is older than CONN_MAX_AGE, so the task reconnects.
+    Needed because connections are reused across tasks (CELERY_DB_REUSE_MAX)."""
+    from django.db import close_old_connections
+
+    close_old_connections()

@@ -7,10 +7,8 @@ from sagas.consumers import ConsumedEvent, subscribe
 from sagas.outbox import outbox_emit
 
 
-@subscribe("inventory", events=["PAYMENT_PROCESSED"])
+@subscribe("inventory", events=["PAYMENT_PROCESSED"], where={"flow": "choreographed"})
 def on_payment_processed(event: ConsumedEvent) -> None:
-    if event.payload.get("flow") != "choreographed":
-        return
     from orders.selectors import order_quantities  # the order's lines, read through orders' selector
 
     order_id = event.payload["order_id"]

@@ -7,10 +7,8 @@ from orders.services import order_confirm, order_mark_cancelled
 from sagas.consumers import ConsumedEvent, subscribe
 
 
-@subscribe("orders", events=["INVENTORY_RESERVED", "PAYMENT_FAILED", "STOCK_UNAVAILABLE"])
+@subscribe("orders", events=["INVENTORY_RESERVED", "PAYMENT_FAILED", "STOCK_UNAVAILABLE"], where={"flow": "choreographed"})
 def on_order_progress(event: ConsumedEvent) -> None:
-    if event.payload.get("flow") != "choreographed":
-        return
     order_id = event.payload["order_id"]
     if event.type == "INVENTORY_RESERVED":
         order_confirm(order_id=order_id, now=timezone.now())

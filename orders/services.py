@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -141,7 +142,14 @@ def _order_create(*, owner, lines: Sequence[LineRequest], payment_method: str, f
     total_field = Order._meta.get_field("total")
     if total >= Decimal(10) ** (total_field.max_digits - total_field.decimal_places):
         raise OrderTooLarge(f"the order total {total} is more than one order may come to")
+    order_id = uuid.uuid4()
+    saga = None
+    if flow == Flow.ORCHESTRATED:
+        saga = place_order.start(input={"order_id": str(order_id)}, idempotency_key=f"order:{order_id}")
+    # Choreographed: no orchestrator; payments reacts to ORDER_CREATED (orders/consumers.py et al.).
     order = Order.objects.create(
+        id=order_id,
+        saga=saga,
         owner=owner,
         total=total,
         currency=currencies.pop(),
@@ -154,10 +162,6 @@ def _order_create(*, owner, lines: Sequence[LineRequest], payment_method: str, f
         OrderItem(order=order, product=products[line.sku], sku=line.sku, quantity=line.quantity, unit_price=products[line.sku].price)
         for line in lines
     )
-    if flow == Flow.ORCHESTRATED:
-        order.saga = place_order.start(input={"order_id": str(order.id)}, idempotency_key=f"order:{order.id}")
-        order.save(update_fields=["saga"])
-    # Choreographed: no orchestrator; payments reacts to ORDER_CREATED (orders/consumers.py et al.).
     outbox_emit(
         aggregate_type="order",
         aggregate_id=order.id,
@@ -216,7 +220,7 @@ def order_mark_cancelled(*, order_id: UUID | str, reason: str, now: datetime) ->
         aggregate_type="order",
         aggregate_id=order.id,
         event_type="ORDER_CANCELLED",
-        payload={"order_id": str(order.id), "reason": order.cancel_reason},
+        payload={"order_id": str(order.id), "reason": order.cancel_reason, "flow": order.flow},
         now=now,
     )
     return order

@@ -16,17 +16,15 @@ def charge_key(order_id: str) -> str:
     return f"{order_id}:payment"
 
 
-@subscribe("payments", events=["ORDER_CREATED", "ORDER_CANCELLED"])
+# Orchestrated orders are charged and refunded by their saga's own step: not sent here.
+@subscribe("payments", events=["ORDER_CREATED", "ORDER_CANCELLED"], where={"flow": CHOREOGRAPHED})
 def on_order_event(event: ConsumedEvent) -> None:
     order_id = event.payload["order_id"]
     now = timezone.now()
     if event.type == "ORDER_CANCELLED":
-        # A no-op when nothing was charged under this key (and for orchestrated orders, whose saga
-        # refunds under its own step key).
+        # A no-op when nothing was charged under this key.
         payment_refund(idempotency_key=charge_key(order_id), reference=order_id, now=now)
         return
-    if event.type != "ORDER_CREATED" or event.payload.get("flow") != CHOREOGRAPHED:
-        return  # the orchestrated flow's saga charges through its own step
     try:
         payment_charge(
             idempotency_key=charge_key(order_id),

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from celery import signature
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, F, OuterRef
+from django.db.models import Exists, F, OuterRef, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -60,31 +60,47 @@ class Subscription:
     consumer: str
     events: frozenset[str]
     handler: Handler
+    # Payload fields an event must have, with these values, to be delivered to this consumer.
+    where: Mapping[str, Any] = field(default_factory=dict)
+
+    def wants(self, event_type: str, payload: Mapping[str, Any]) -> bool:
+        return event_type in self.events and all(payload.get(key) == value for key, value in self.where.items())
+
+    def matching(self, events: QuerySet[OutboxEvent]) -> QuerySet[OutboxEvent]:
+        """The OutboxEvents of `events` this consumer wants."""
+        return events.filter(event_type__in=self.events, **{f"payload__{key}": value for key, value in self.where.items()})
 
 
 _subscriptions: dict[str, Subscription] = {}
 
 
-def subscribe(consumer: str, *, events: Iterable[str]) -> Callable[[Handler], Handler]:
-    """Register `handler` as consumer `consumer` of these event types (one handler per consumer)."""
+def subscribe(consumer: str, *, events: Iterable[str], where: Mapping[str, Any] | None = None) -> Callable[[Handler], Handler]:
+    """Register `handler` as consumer `consumer` of these event types (one handler per consumer),
+    optionally only of events whose payload has the fields in `where` with those values: other
+    events are never sent to it (no task, no inbox row)."""
 
     def register(handler: Handler) -> Handler:
         existing = _subscriptions.get(consumer)
         if existing is not None and existing.handler.__qualname__ != handler.__qualname__:
             raise ValueError(f"consumer {consumer!r} is already registered to {existing.handler.__qualname__}")
-        _subscriptions[consumer] = Subscription(consumer, frozenset(events), handler)
+        _subscriptions[consumer] = Subscription(consumer, frozenset(events), handler, dict(where or {}))
         return handler
 
     return register
 
 
-def subscribers(event_type: str) -> list[str]:
-    return sorted(name for name, sub in _subscriptions.items() if event_type in sub.events)
+def subscriptions() -> list[Subscription]:
+    """Every registered consumer, by name."""
+    return [sub for _, sub in sorted(_subscriptions.items())]
+
+
+def subscribers(event_type: str, payload: Mapping[str, Any] | None = None) -> list[str]:
+    return sorted(name for name, sub in _subscriptions.items() if sub.wants(event_type, payload or {}))
 
 
 def deliver(event: OutboxEvent) -> None:
     """Send the event to each subscribed consumer as a `sagas.consume_event` task."""
-    for consumer in subscribers(event.event_type):
+    for consumer in subscribers(event.event_type, event.payload):
         _send(consumer, event)
 
 
@@ -99,7 +115,7 @@ def consume(
     if subscription is None:
         raise LookupError(f"no consumer {consumer!r} is registered in this process")
     event = ConsumedEvent.from_message(message)
-    if event.type not in subscription.events:
+    if not subscription.wants(event.type, event.payload):
         return False  # e.g. consume_events --handler reading a stream that carries other types too
     if max_deliveries is not None and _count_delivery(consumer, event.id) > max_deliveries:
         log.error(
@@ -139,9 +155,7 @@ def consumers_redeliver(*, now: datetime, min_age: timedelta, window: timedelta,
     for name, subscription in sorted(_subscriptions.items()):
         handled = InboxMessage.objects.filter(consumer=name, event_id=OuterRef("id"))
         missing = (
-            OutboxEvent.objects.filter(
-                event_type__in=subscription.events, published_at__lt=now - min_age, published_at__gte=now - window
-            )
+            subscription.matching(OutboxEvent.objects.filter(published_at__lt=now - min_age, published_at__gte=now - window))
             .exclude(Exists(handled))
             .order_by("sequence")[:limit]
         )

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
+from functools import cache
 from typing import Any
 
 from celery import signature
+from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from sagas.models import OutboxEvent
 
@@ -42,7 +45,7 @@ def outbox_emit(
         # commit) makes sequence order the commit order. SQLite writers are serial already.
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"outbox:{aggregate_type}:{aggregate_id}"])
-    if not any(callback is _kick_relay for _, callback, _ in connection.run_on_commit):
+    if settings.OUTBOX_RELAY_KICK and not any(callback is _kick_relay for _, callback, _ in connection.run_on_commit):
         # Publish right after the commit instead of waiting for the beat (once per transaction;
         # robust: a broker hiccup must not fail the committed request, the beat covers it).
         transaction.on_commit(_kick_relay, robust=True)
@@ -55,5 +58,41 @@ def outbox_emit(
     )
 
 
+# While a kick is queued and no relay has started since, a commit need not send another: that
+# relay starts after this commit and will see its events. At a high commit rate this turns one
+# relay task per commit into a few per second. The mark expires like the kick itself, in case the
+# kick message is lost (the beat's relay covers that gap). It lives in Redis, shared by every
+# process; without REDIS_URL every commit kicks.
+KICK_MARK = "sagas:outbox:kick-pending"
+KICK_EXPIRES = 10
+
+
 def _kick_relay() -> None:
-    signature("sagas.relay_outbox", options={"expires": 10}).apply_async()
+    marks = _kick_marks()
+    if marks is not None:
+        try:
+            if not marks.set(KICK_MARK, 1, nx=True, ex=KICK_EXPIRES):
+                return
+        except RedisError:
+            pass  # kick anyway
+    signature("sagas.relay_outbox", options={"expires": KICK_EXPIRES}).apply_async()
+
+
+def kick_mark_clear() -> None:
+    """Each relay run calls this before it looks for events: later commits must kick again.
+    Tests call it too, so a kick that a previous test parked or purged does not hold back theirs."""
+    marks = _kick_marks()
+    if marks is not None:
+        try:
+            marks.delete(KICK_MARK)
+        except RedisError:
+            pass  # the mark expires on its own
+
+
+@cache
+def _kick_marks():
+    if not settings.REDIS_URL:
+        return None
+    import redis
+
+    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)

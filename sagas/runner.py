@@ -2,7 +2,8 @@
 
 A step runs in two transactions:
   1. record the delivery (committed before any work, so a worker killed mid-step leaves a count
-     behind; too many deliveries that never finished fail the step instead of looping);
+     behind; too many deliveries that never finished fail the step instead of looping). Usually
+     one UPDATE of the step row; a step that is not plainly runnable takes the locked path;
   2. under the saga and step row locks: skip if the log says COMPLETED, else run the action in a
      savepoint and record its outcome. The action's writes and the COMPLETED mark commit together.
 """
@@ -15,13 +16,16 @@ import logging
 import os
 import signal
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
+from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import InterfaceError, OperationalError, connection, transaction
+from django.db.models import DateTimeField, Exists, F, OuterRef, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from sagas.definition import FORWARD, HARD_LIMIT_GRACE, Saga, Step, StepContext, get_definition
@@ -65,26 +69,20 @@ def step_run(
     now: Callable[[], datetime] = timezone.now,
 ) -> StepResult:
     """Run one delivery of a step or compensation. Never raises the action's exception: the
-    outcome says what the task must do."""
-    try:
-        saga = SagaInstance.objects.get(pk=saga_id)
-    except SagaInstance.DoesNotExist:
-        raise SagaNotFound(f"saga {saga_id} does not exist") from None
-    definition = get_definition(saga.name, saga.version)
-    step = definition.step(step_name)
-    faults = fault_take(saga=saga, step=step_name, direction=direction)
+    outcome says what the task must do. Raises SagaNotFound."""
+    faults = _faults(saga_id, step_name, direction)
     if FaultKind.DUPLICATE in faults:
         republish()
 
-    early = _record_delivery(saga_id, definition, step, direction, now=now())
+    early = _deliver(saga_id, step_name, direction, now=now())
     if early is not None:
         return early
     if FaultKind.CRASH in faults:
         _die(saga_id, step_name, "before commit")
     try:
-        result = _execute(saga_id, definition, step, direction, faults=faults, clock=now)
+        result = _execute(saga_id, step_name, direction, faults=faults, clock=now)
     except (OperationalError, InterfaceError):
-        _release_delivery(saga_id, step, direction)  # the task retries this delivery
+        _release_delivery(saga_id, step_name, direction)  # the task retries this delivery
         raise
     if FaultKind.CRASH_AFTER_COMMIT in faults and result.outcome == Outcome.DONE:
         _die(saga_id, step_name, "after commit")
@@ -147,50 +145,101 @@ def _runs(saga: SagaInstance, direction: str) -> bool:
     return saga.state in RUNS_FORWARD if direction == FORWARD else saga.state == SagaState.COMPENSATING
 
 
-def _record_delivery(saga_id, definition: Saga, step: Step, direction: str, *, now: datetime) -> StepResult | None:
-    """Transaction 1. Returns an early result, or None to go on and run the step."""
-    failure: BaseException | None = None
+def _faults(saga_id, step_name: str, direction: str) -> frozenset[str]:
+    if not settings.SAGAS_FAULT_INJECTION:
+        return frozenset()
+    try:
+        saga = SagaInstance.objects.get(pk=saga_id)
+    except SagaInstance.DoesNotExist:
+        raise SagaNotFound(f"saga {saga_id} does not exist") from None
+    return fault_take(saga=saga, step=step_name, direction=direction)
+
+
+def _deliver(saga_id, step_name: str, direction: str, *, now: datetime) -> StepResult | None:
+    """Transaction 1: record this delivery before any work. Returns an early result, or None to
+    go on and run the step."""
+    if _count_delivery(saga_id, step_name, direction, now=now):
+        return None
+    return _record_delivery(saga_id, step_name, direction, now=now)
+
+
+def _count_delivery(saga_id, step_name: str, direction: str, *, now: datetime) -> bool:
+    """Transaction 1, the common case in one statement: count the delivery of a step that its
+    saga runs now, that has no outcome yet and no earlier delivery that died unfinished, and show
+    it RUNNING. False when that is not so (done, failed, stale, unknown saga, a delivery lost
+    before): _record_delivery then decides under the locks, the delivery budget included.
+
+    Taking no saga lock here is safe: the single UPDATE holds only the step row, and only for the
+    statement, so it cannot take part in a deadlock; transaction 2 checks everything again under
+    both locks before running anything."""
+    runs = RUNS_FORWARD if direction == FORWARD else (SagaState.COMPENSATING,)
+    # The step's own state must be tested on the row itself, not through a join (which Django
+    # turns into `id IN (subquery)`): a delivery that waited for the row lock while another
+    # completed the step must see COMPLETED on the row as committed, and not match.
+    counted = StepExecution.objects.filter(
+        Exists(SagaInstance.objects.filter(pk=OuterRef("saga_id"), state__in=runs)),
+        saga_id=saga_id,
+        name=step_name,
+        direction=direction,
+        state__in=(StepState.PENDING, StepState.RUNNING, StepState.RETRYING),
+        deliveries=F("attempts"),  # no earlier delivery died unfinished: no budget to check
+    ).update(
+        deliveries=F("deliveries") + 1,
+        state=StepState.RUNNING,
+        started_at=Coalesce(F("started_at"), Value(now, output_field=DateTimeField())),
+    )
+    return counted == 1
+
+
+def _record_delivery(saga_id, step_name: str, direction: str, *, now: datetime) -> StepResult | None:
+    """Transaction 1 under the saga and step locks. Returns an early result, or None to go on and
+    run the step."""
     with transaction.atomic():
         saga = lock_saga(saga_id)
         if not _runs(saga, direction):
-            log.info("saga_stale_message saga=%s step=%s direction=%s state=%s", saga.id, step.name, direction, saga.state)
+            log.info("saga_stale_message saga=%s step=%s direction=%s state=%s", saga.id, step_name, direction, saga.state)
             return StepResult(Outcome.STALE)
-        execution = lock_step(saga, step.name, direction)
+        definition = get_definition(saga.name, saga.version)
+        execution = lock_step(saga, step_name, direction)
         if execution.state == StepState.COMPLETED:
-            log.info("saga_step_redelivered saga=%s step=%s direction=%s: already completed", saga.id, step.name, direction)
+            log.info("saga_step_redelivered saga=%s step=%s direction=%s: already completed", saga.id, step_name, direction)
             return StepResult(Outcome.DONE)
-        if execution.state == StepState.FAILED:
-            return StepResult(Outcome.FAILED, error=StepFailedEarlier(execution.last_error))
-        if direction == FORWARD and saga.deadline_at is not None and now >= saga.deadline_at:
-            # The sweeper may not get the saga's lock while steps keep it busy; every step checks.
-            saga_begin_compensation(saga, definition, reason="deadline exceeded", now=now)
-            return StepResult(Outcome.STALE)
-        unfinished = execution.deliveries - execution.attempts
         execution.deliveries += 1
-        if unfinished >= step.max_deliveries:
-            failure = WorkerLostTooOften(
-                f"delivered {execution.deliveries} times; {unfinished} deliveries never finished "
-                "(worker lost or hard time limit)"
-            )
-            _mark(saga, execution, StepState.FAILED, now=now, error=str(failure))
-            execution.outcome_uncertain = True
-        else:
-            if unfinished:
-                log.warning(
-                    "saga_step_lost_delivery saga=%s step=%s direction=%s unfinished=%s",
-                    saga.id, step.name, direction, unfinished,
-                )
+        early = _admit(saga, definition, execution, direction, now=now)
+        if early is None:
             _mark(saga, execution, StepState.RUNNING, now=now)
-            if direction == FORWARD and saga.state == SagaState.PENDING:
-                old, saga.state = saga.state, SagaState.RUNNING
-                transition(saga, old, saga.state)
-            saga_touch(saga, now=now, expect_within=step.timeout)
-            saga.save(update_fields=["state", "updated_at", "stuck_after"])
         execution.save()
-    return StepResult(Outcome.FAILED, error=failure) if failure else None
+    return early
 
 
-def _release_delivery(saga_id, step: Step, direction: str) -> None:
+def _admit(saga: SagaInstance, definition: Saga, execution: StepExecution, direction: str, *, now: datetime) -> StepResult | None:
+    """Whether this delivery (counted already) may run the step: not after a recorded failure,
+    past the saga's deadline, or once too many deliveries never finished. Under the locks."""
+    if execution.state == StepState.FAILED:
+        return StepResult(Outcome.FAILED, error=StepFailedEarlier(execution.last_error))
+    if direction == FORWARD and saga.deadline_at is not None and now >= saga.deadline_at:
+        # The sweeper may not get the saga's lock while steps keep it busy; every step checks.
+        saga_begin_compensation(saga, definition, reason="deadline exceeded", now=now)
+        return StepResult(Outcome.STALE)
+    step = definition.step(execution.name)
+    unfinished = execution.deliveries - 1 - execution.attempts  # earlier deliveries without an outcome
+    if unfinished >= step.max_deliveries:
+        failure = WorkerLostTooOften(
+            f"delivered {execution.deliveries} times; {unfinished} deliveries never finished "
+            "(worker lost or hard time limit)"
+        )
+        _mark(saga, execution, StepState.FAILED, now=now, error=str(failure))
+        execution.outcome_uncertain = True
+        execution.save()
+        return StepResult(Outcome.FAILED, error=failure)
+    if unfinished:
+        log.warning(
+            "saga_step_lost_delivery saga=%s step=%s direction=%s unfinished=%s", saga.id, step.name, direction, unfinished
+        )
+    return None
+
+
+def _release_delivery(saga_id, step_name: str, direction: str) -> None:
     """Uncount a delivery that a database error interrupted before it recorded an outcome. Best
     effort: if the database is still unreachable the delivery stays counted as lost."""
     try:
@@ -198,58 +247,95 @@ def _release_delivery(saga_id, step: Step, direction: str) -> None:
             connection.close_if_unusable_or_obsolete()  # reconnect if the error broke the connection
         with transaction.atomic():
             saga = lock_saga(saga_id)
-            execution = lock_step(saga, step.name, direction)
+            execution = lock_step(saga, step_name, direction)
             if execution.state == StepState.RUNNING and execution.deliveries > execution.attempts:
                 execution.deliveries -= 1
                 execution.save(update_fields=["deliveries"])
     except (OperationalError, InterfaceError):
-        log.warning("saga_delivery_not_released saga=%s step=%s direction=%s", saga_id, step.name, direction)
+        log.warning("saga_delivery_not_released saga=%s step=%s direction=%s", saga_id, step_name, direction)
 
 
-def _execute(
-    saga_id, definition: Saga, step: Step, direction: str, *, faults: frozenset[str], clock: Callable[[], datetime]
-) -> StepResult:
-    """Transaction 2: run the action and record its outcome, or find it already done."""
+def _execute(saga_id, step_name: str, direction: str, *, faults: frozenset[str], clock: Callable[[], datetime]) -> StepResult:
+    """Transaction 2: run the action and record its outcome, or find it already done. The action
+    runs in this transaction without a savepoint of its own (two round trips per step saved): if
+    it raises, the whole transaction rolls back, its writes with it, and _record_failure records
+    the failure in a new one."""
     now = clock()
     with transaction.atomic():
-        saga = lock_saga(saga_id)
-        if not _runs(saga, direction):
-            return StepResult(Outcome.STALE)
-        execution = lock_step(saga, step.name, direction)
-        if execution.state == StepState.COMPLETED:
-            return StepResult(Outcome.DONE)  # a concurrent delivery finished it while we waited
-        if execution.state == StepState.FAILED:
-            return StepResult(Outcome.FAILED, error=StepFailedEarlier(execution.last_error))
-        context = StepContext(
-            saga_id=saga.id,
-            saga_name=saga.name,
-            step=step.name,
-            direction=direction,
-            input=saga.input,
-            results=_results(saga),
-            attempt=execution.attempts + 1,
-            now=now,
-        )
-        function = step.function(direction)
-        error: BaseException | None = None
+        admitted = _lock_and_admit(saga_id, step_name, direction, now=now)
+        if isinstance(admitted, StepResult):
+            return admitted
+        saga, definition, step, execution = admitted
+        transition(saga, "delivered", StepState.RUNNING, step=step_name, direction=direction, detail=f"delivery {execution.deliveries}")
+        context = _context(saga, execution, now=now)
         try:
-            with transaction.atomic():  # a failed action leaves none of its writes behind
-                if FaultKind.BUSINESS in faults:
-                    raise InjectedBusinessError(f"injected business failure in {step.name}")
-                if FaultKind.TRANSIENT in faults:
-                    raise InjectedTransientError(f"injected transient failure in {step.name}")
-                value = function(context) if function else None
-                value = json.loads(json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False))
+            value = _call(step, direction, context, faults)
         except Exception as exc:  # noqa: BLE001 - the boundary around user code: recorded below
             error = exc
-        now = clock()
-        execution.attempts += 1
-        if error is None:
+            transaction.set_rollback(True)
+        else:
+            now = clock()
+            execution.attempts += 1
             execution.result = value
             _mark(saga, execution, StepState.COMPLETED, now=now)
             execution.save()
             _after_completion(saga, definition, step, direction, now=now)
             return StepResult(Outcome.DONE)
+    return _record_failure(saga_id, step_name, direction, error, now=clock())
+
+
+def _lock_and_admit(saga_id, step_name: str, direction: str, *, now: datetime):
+    """Under the saga and step locks: (saga, definition, step, execution) for a delivery that may
+    run the step, or the StepResult that says why it may not."""
+    saga = lock_saga(saga_id)
+    if not _runs(saga, direction):
+        return StepResult(Outcome.STALE)
+    definition = get_definition(saga.name, saga.version)
+    execution = lock_step(saga, step_name, direction)
+    if execution.state == StepState.COMPLETED:
+        return StepResult(Outcome.DONE)  # a concurrent delivery finished it while we waited
+    early = _admit(saga, definition, execution, direction, now=now)
+    if early is not None:
+        return early
+    if direction == FORWARD and saga.state == SagaState.PENDING:
+        old, saga.state = saga.state, SagaState.RUNNING
+        transition(saga, old, saga.state)
+    return saga, definition, definition.step(step_name), execution
+
+
+def _context(saga: SagaInstance, execution: StepExecution, *, now: datetime) -> StepContext:
+    return StepContext(
+        saga_id=saga.id,
+        saga_name=saga.name,
+        step=execution.name,
+        direction=execution.direction,
+        input=saga.input,
+        results=_LazyResults(saga.id),
+        attempt=execution.attempts + 1,
+        now=now,
+    )
+
+
+def _call(step: Step, direction: str, context: StepContext, faults: frozenset[str]):
+    if FaultKind.BUSINESS in faults:
+        raise InjectedBusinessError(f"injected business failure in {step.name}")
+    if FaultKind.TRANSIENT in faults:
+        raise InjectedTransientError(f"injected transient failure in {step.name}")
+    function = step.function(direction)
+    value = function(context) if function else None
+    return json.loads(json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False))
+
+
+def _record_failure(saga_id, step_name: str, direction: str, error: BaseException, *, now: datetime) -> StepResult:
+    """After the action raised and its transaction rolled back: count the attempt and schedule a
+    retry, or fail the step (and run its on_failure hook, in the same transaction)."""
+    with transaction.atomic():
+        admitted = _lock_and_admit(saga_id, step_name, direction, now=now)
+        if isinstance(admitted, StepResult):
+            return admitted  # meanwhile another delivery finished the step, or the saga moved on
+        saga, definition, step, execution = admitted
+        context = _context(saga, execution, now=now)
+        execution.attempts += 1
         policy = step.policy(direction)
         detail = _describe(error)
         if policy.is_retryable(error) and execution.attempts < policy.max_attempts:
@@ -257,11 +343,12 @@ def _execute(
             _mark(saga, execution, StepState.RETRYING, now=now, error=detail, detail=f"retry in {countdown:.2f}s")
             execution.save()
             saga_touch(saga, now=now, expect_within=countdown + step.timeout)
-            saga.save(update_fields=["updated_at", "stuck_after"])
+            saga.save(update_fields=["state", "updated_at", "stuck_after"])
             return StepResult(Outcome.RETRY, countdown=countdown, error=error)
         _mark(saga, execution, StepState.FAILED, now=now, error=detail)
         execution.outcome_uncertain = not isinstance(error, BusinessError)
         execution.save()
+        saga.save(update_fields=["state"])
         if direction == FORWARD and step.on_failure is not None:
             step.on_failure(context, error)
         return StepResult(Outcome.FAILED, error=error)
@@ -292,10 +379,31 @@ def _mark(saga: SagaInstance, execution: StepExecution, state: str, *, now: date
     transition(saga, old, state, step=execution.name, direction=execution.direction, detail=detail or error)
 
 
-def _results(saga: SagaInstance) -> dict:
-    return dict(
-        StepExecution.objects.filter(saga=saga, direction=FORWARD, state=StepState.COMPLETED).values_list("name", "result")
-    )
+class _LazyResults(Mapping):
+    """The forward results of the saga's completed steps, read when a step first looks at them
+    (most actions only need the input)."""
+
+    def __init__(self, saga_id):
+        self._saga_id = saga_id
+        self._results: dict | None = None
+
+    def _load(self) -> dict:
+        if self._results is None:
+            rows = StepExecution.objects.filter(saga_id=self._saga_id, direction=FORWARD, state=StepState.COMPLETED)
+            self._results = dict(rows.values_list("name", "result"))
+        return self._results
+
+    def __getitem__(self, name: str):
+        return self._load()[name]
+
+    def __iter__(self):
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __repr__(self) -> str:
+        return repr(self._load())
 
 
 def _describe(error: BaseException) -> str:

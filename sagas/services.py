@@ -49,11 +49,8 @@ def saga_start(
     """
     now = now or timezone.now()
     payload = _json_object(input)
-    with transaction.atomic():
-        if idempotency_key is not None:
-            existing = SagaInstance.objects.filter(name=definition.name, idempotency_key=idempotency_key).first()
-            if existing is not None:
-                return existing
+    # No savepoint of its own: inside the caller's transaction, a failure here fails that one.
+    with transaction.atomic(savepoint=False):
         try:
             with transaction.atomic():
                 saga = SagaInstance.objects.create(
@@ -69,7 +66,7 @@ def saga_start(
         except IntegrityError:
             if idempotency_key is None:
                 raise
-            # A concurrent start with the same key committed first.
+            # Started before with this key (the unique constraint says so, race-free).
             return SagaInstance.objects.get(name=definition.name, idempotency_key=idempotency_key)
         StepExecution.objects.bulk_create(
             StepExecution(saga=saga, name=step.name, position=position, direction=FORWARD)

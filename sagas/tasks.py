@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 
-from sagas import consumers, relay, runner, services
+from sagas import consumers, outbox, relay, runner, services
 from sagas.exceptions import BusinessError, SagaNotFound
 from sagas.publishers import configured_publisher
 
@@ -79,6 +79,7 @@ def sweep() -> dict:
 @shared_task(name="sagas.relay_outbox", acks_late=True, ignore_result=True)
 def relay_outbox() -> dict:
     """Run by beat every OUTBOX_RELAY_INTERVAL and kicked after each commit that emitted events."""
+    outbox.kick_mark_clear()
     result = relay.outbox_relay(publisher=configured_publisher())
     if result.published or result.failed or result.dead_lettered:
         log.info(

@@ -1,12 +1,14 @@
 """Consumers behind an inbox: a duplicate delivery has no second effect."""
 
 import uuid
+from datetime import timedelta
 
 import pytest
 from django.db import transaction
+from django.utils import timezone
 
-from sagas.consumers import consume, subscribers
-from sagas.models import InboxMessage
+from sagas.consumers import consume, consumers_redeliver, subscribers
+from sagas.models import InboxMessage, OutboxEvent
 from sagas.outbox import outbox_emit
 from sagas.publishers import ConsumerTaskPublisher, message
 from tests.sagaapp.models import Effect
@@ -39,9 +41,23 @@ def test_a_failing_handler_leaves_no_inbox_row_so_a_retry_runs_it_again():
     assert not InboxMessage.objects.exists(), "the inbox row rolls back with the handler's effects"
 
 
-def test_consumers_are_found_by_event_type():
+def test_consumers_are_found_by_event_type_and_payload():
     assert subscribers("THING_HAPPENED") == ["test-recorder"]
-    assert subscribers("SOMETHING_ELSE") == []
+    assert subscribers("THING_HAPPENED", {"colour": "red"}) == ["test-filtered", "test-recorder"]
+    assert subscribers("SOMETHING_ELSE", {"colour": "red"}) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_event_a_consumer_filtered_out_is_neither_consumed_nor_redelivered_to_it():
+    blue, red = an_event(colour="blue"), an_event(colour="red")
+    OutboxEvent.objects.update(published_at=timezone.now() - timedelta(minutes=5))
+
+    handled = [consume(consumer="test-filtered", message=message(e)) for e in (blue, red)]
+    redelivered = consumers_redeliver(now=timezone.now(), min_age=timedelta(seconds=1), window=timedelta(hours=1))
+
+    assert handled == [False, True]
+    assert Effect.objects.filter(step="red").count() == 1
+    assert redelivered == 2, "both events to test-recorder, neither to test-filtered (blue is not for it, red is handled)"
 
 
 @pytest.mark.django_db(transaction=True)

@@ -3,6 +3,7 @@
 import threading
 import uuid
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 from django.conf import settings
@@ -10,7 +11,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from sagas.models import OutboxEvent
-from sagas.outbox import OutsideTransaction, outbox_emit
+from sagas.outbox import OutsideTransaction, kick_mark_clear, outbox_emit
 from sagas.publishers import RedisStreamPublisher, destination
 from sagas.relay import outbox_cleanup, outbox_relay, outbox_replay
 
@@ -78,6 +79,23 @@ def test_events_are_published_once_in_order_per_aggregate_and_marked():
         assert [t for a, t, _ in recorder.published if a == aggregate] == ["E0", "E1", "E2"]
     assert not OutboxEvent.objects.filter(published_at=None).exists()
     assert outbox_relay(publisher=recorder).published == 0, "nothing is published twice"
+
+
+@services_only
+@pytest.mark.django_db(transaction=True)
+def test_commits_while_a_kick_is_queued_send_no_more_kicks_until_a_relay_starts(monkeypatch):
+    kicks = []
+    monkeypatch.setattr("sagas.outbox.signature", lambda name, **options: SimpleNamespace(apply_async=lambda: kicks.append(name)))
+    kick_mark_clear()
+
+    emit("a", "E1")
+    emit("b", "E2")  # the first kick's relay has not started yet: it will see E2 too
+    kicks_before_a_relay_started = len(kicks)
+    kick_mark_clear()  # what each relay run does first
+    emit("c", "E3")
+
+    assert (kicks_before_a_relay_started, len(kicks)) == (1, 2)
+    assert kicks == ["sagas.relay_outbox"] * 2
 
 
 @pytest.mark.django_db(transaction=True)

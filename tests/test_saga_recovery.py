@@ -3,6 +3,7 @@
 import time
 
 import pytest
+from django.db import connection
 
 from sagas.models import Direction, FaultKind, SagaState, StepState
 from sagas.testing import CeleryBeat, inject_fault, subprocess_environment, timeline, wait_for_saga
@@ -138,3 +139,23 @@ def test_a_saga_past_its_deadline_is_compensated(saga_worker, saga_beat):
     assert saga.failure_reason == "deadline exceeded"
     assert effect_count(saga.id, "ship") == 0
     assert compensations_in_start_order(saga.id) == ["charge", "reserve"]
+
+
+@pytest.mark.services(reason="cuts PostgreSQL connections with pg_terminate_backend")
+def test_a_worker_whose_database_connections_were_cut_reconnects_and_finishes_sagas(saga_worker):
+    # Workers keep their database connection from task to task (CELERY_DB_REUSE_MAX); one that
+    # broke, as on a PostgreSQL restart, must be dropped and reopened, not reused.
+    wait_for_saga(four_steps.start(input={}).id)  # the pool children now hold open connections
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        (cut,) = cursor.fetchone()
+    sagas = [four_steps.start(input={}) for _ in range(4)]
+    finished = [wait_for_saga(s.id, timeout=60) for s in sagas]
+
+    assert cut >= 1
+    assert [s.state for s in finished] == [SagaState.COMPLETED] * 4, [timeline(s.id) for s in finished]
+    for s in finished:
+        assert [e[0] for e in effects(s.id)] == STEP_NAMES

@@ -97,6 +97,10 @@ CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_TASK_DEFAULT_QUEUE", "chainsaga")
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TIMEZONE = "UTC"
+# Celery's Django fixup closes the database connection around every task unless told to reuse
+# it: a new PostgreSQL connection per task costs more than most steps. Reused for this many
+# tasks; config.celery also drops a connection that broke or outlived CONN_MAX_AGE before a task.
+CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000)
 # Redis (and SQS) redeliver an unacknowledged message after this many seconds. It must exceed
 # any step's timeout plus its largest retry delay, or a slow step would be delivered twice while
 # still running; sagas.definition refuses a step that breaks this.
@@ -116,7 +120,11 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": 10},
     },
     "outbox-cleanup": {"task": "sagas.outbox_cleanup", "schedule": timedelta(hours=1)},
-    "consumers-redeliver": {"task": "sagas.consumers_redeliver", "schedule": timedelta(seconds=60), "options": {"expires": 60}},
+    "consumers-redeliver": {
+        "task": "sagas.consumers_redeliver",
+        "schedule": timedelta(seconds=env_float("CONSUMER_REDELIVER_INTERVAL", 60.0)),
+        "options": {"expires": env_float("CONSUMER_REDELIVER_INTERVAL", 60.0)},
+    },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
@@ -190,6 +198,9 @@ CACHES = {
 # (in-process consumers as Celery tasks, which the choreographed flow needs), or dotted paths.
 OUTBOX_PUBLISHER = env_str("OUTBOX_PUBLISHER", "redis,consumers" if REDIS_URL else "consumers")
 OUTBOX_RELAY_INTERVAL = env_float("OUTBOX_RELAY_INTERVAL", 1.0)
+# Kick the relay right after each commit that emitted events (publish latency: milliseconds);
+# off, events wait for the beat's next relay round (up to OUTBOX_RELAY_INTERVAL).
+OUTBOX_RELAY_KICK = env_bool("OUTBOX_RELAY_KICK", True)
 OUTBOX_BATCH_SIZE = env_int("OUTBOX_BATCH_SIZE", 500)
 OUTBOX_RELAY_TIME_BUDGET = env_float("OUTBOX_RELAY_TIME_BUDGET", 5.0)
 OUTBOX_MAX_ATTEMPTS = env_int("OUTBOX_MAX_ATTEMPTS", 10)

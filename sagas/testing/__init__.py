@@ -218,7 +218,15 @@ class CeleryWorker(_CeleryProcess):
 
     ready_marker = " ready."
 
-    def __init__(self, *, queues: list[str] | None = None, concurrency: int = 2, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        *,
+        queues: list[str] | None = None,
+        concurrency: int = 2,
+        env: dict[str, str] | None = None,
+        include: list[str] | None = None,
+    ):
+        """`include`: extra modules of tasks to import (celery worker --include)."""
         self.name = f"test-{uuid.uuid4().hex[:8]}@%h"
         queues = queues or [settings.CELERY_TASK_DEFAULT_QUEUE]
         super().__init__(
@@ -232,6 +240,7 @@ class CeleryWorker(_CeleryProcess):
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
+                *([f"--include={','.join(include)}"] if include else []),
             ],
             env=env,
         )

@@ -1,7 +1,10 @@
 """The runner's handling of lost deliveries and errbacks, without a worker."""
 
+import threading
+import time
+
 import pytest
-from django.db import OperationalError
+from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
 from sagas import runner, services
@@ -19,8 +22,7 @@ def step_row(saga, name: str, direction: str = FORWARD) -> StepExecution:
 def lost_delivery(saga, step: str) -> None:
     """A delivery that recorded itself and then died: its worker was killed, or the hard time
     limit killed it (transaction 2 never committed)."""
-    definition = three_steps
-    assert runner._record_delivery(saga.id, definition, definition.step(step), FORWARD, now=timezone.now()) is None
+    assert runner._deliver(saga.id, step, FORWARD, now=timezone.now()) is None
 
 
 def test_an_errback_for_a_step_that_spent_its_delivery_budget_fails_it_and_compensates(sent, django_capture_on_commit_callbacks):
@@ -79,3 +81,28 @@ def test_database_errors_retried_by_the_task_do_not_spend_the_delivery_budget(se
         result = run(saga, "reserve")
 
     assert result.outcome is runner.Outcome.DONE, step_row(saga, "reserve").last_error
+
+
+@pytest.mark.services(reason="needs PostgreSQL row locks")
+@pytest.mark.django_db(transaction=True)
+def test_a_delivery_that_waited_while_another_completed_the_step_is_not_counted_and_does_not_reopen_it():
+    saga = services.saga_start(definition=three_steps, input={})
+    locked = threading.Event()
+
+    def complete_reserve_while_holding_its_row():
+        with transaction.atomic():
+            row = StepExecution.objects.select_for_update().get(saga=saga, name="reserve", direction=FORWARD)
+            locked.set()
+            time.sleep(0.5)  # the other delivery's UPDATE is waiting for this row now
+            row.state, row.deliveries, row.attempts = StepState.COMPLETED, 1, 1
+            row.save()
+        connection.close()
+
+    other = threading.Thread(target=complete_reserve_while_holding_its_row)
+    other.start()
+    locked.wait()
+    counted = runner._count_delivery(saga.id, "reserve", FORWARD, now=timezone.now())
+    other.join()
+
+    assert counted is False, "it must see the committed COMPLETED, or it would run the step a second time"
+    assert (step_row(saga, "reserve").state, step_row(saga, "reserve").deliveries) == (StepState.COMPLETED, 1)

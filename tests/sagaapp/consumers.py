@@ -14,3 +14,8 @@ def record_thing(event: ConsumedEvent) -> None:
     if event.payload.get("crash"):
         os.kill(os.getpid(), 9)  # the worker process dies mid-handler
     Effect.objects.create(saga_id=uuid.UUID(event.aggregate_id), step=event.type, direction="event", pid=os.getpid())
+
+
+@subscribe("test-filtered", events=["THING_HAPPENED"], where={"colour": "red"})
+def record_red_thing(event: ConsumedEvent) -> None:
+    Effect.objects.create(saga_id=uuid.UUID(event.aggregate_id), step="red", direction="event", pid=os.getpid())
