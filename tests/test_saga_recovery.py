@@ -6,7 +6,7 @@ import pytest
 from django.db import connection
 
 from sagas.models import Direction, FaultKind, SagaState, StepState
-from sagas.testing import CeleryBeat, inject_fault, subprocess_environment, timeline, wait_for_saga
+from sagas.testing import CeleryBeat, CeleryWorker, inject_fault, subprocess_environment, timeline, wait_for_saga
 from tests.engine_helpers import (
     compensations_in_start_order,
     effect_count,
@@ -159,3 +159,26 @@ def test_a_worker_whose_database_connections_were_cut_reconnects_and_finishes_sa
     assert [s.state for s in finished] == [SagaState.COMPLETED] * 4, [timeline(s.id) for s in finished]
     for s in finished:
         assert [e[0] for e in effects(s.id)] == STEP_NAMES
+
+
+@pytest.mark.services(reason="runs its own redis-server as the broker")
+def test_a_worker_survives_its_redis_broker_restarting_while_it_holds_a_message(tmp_path):
+    # Celery 5.7.0's own consumer exits with "Unrecoverable error" here (see config.broker.WorkerConsumer).
+    from config.celery import app
+    from perf.services import PrivateRedis
+    from sagas.dispatch import step_signature
+
+    with PrivateRedis(tmp_path) as redis_server:
+        env = subprocess_environment(CELERY_BROKER_URL=redis_server.url(), CELERY_TASK_DEFAULT_QUEUE="restart-test")
+        with CeleryWorker(queues=["restart-test"], env=env) as worker:
+            saga = four_steps.start(input={"sleep": {"reserve": 4}})  # its own message goes to the parked queue
+            step = step_signature(saga.id, four_steps.step("reserve"), F)
+            with app.connection_for_write(redis_server.url()) as conn:
+                app.send_task(step.task, kwargs=step.kwargs, queue="restart-test", connection=conn)
+            wait_for_step(saga.id, "reserve")  # the worker holds the message, unacknowledged
+
+            redis_server.restart(down_for=1.0)
+            time.sleep(4)
+
+            assert worker.alive, worker.output()[-3000:]
+            assert "Unrecoverable error" not in worker.output()

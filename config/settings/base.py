@@ -97,6 +97,7 @@ CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_TASK_DEFAULT_QUEUE", "chainsaga")
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TIMEZONE = "UTC"
+CELERY_WORKER_CONSUMER = "config.broker:WorkerConsumer"  # survives losing Redis (see there)
 # Celery's Django fixup closes the database connection around every task unless told to reuse
 # it: a new PostgreSQL connection per task costs more than most steps. Reused for this many
 # tasks; config.celery also drops a connection that broke or outlived CONN_MAX_AGE before a task.
