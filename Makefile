@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install run migrate seed test test-embedded test-services check clean
+.PHONY: install run migrate seed test test-embedded test-services check clean chaos chaos-short bench bench-quick
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,26 @@ test-embedded: install
 
 test-services: install
 	CHAINSAGA_TEST_BACKEND=services $(PY) -m pytest $(PYTEST_ARGS)
+
+# The chaos soak: 2,000 orders in both flows while worker children, a whole worker, Redis and
+# PostgreSQL are killed and restarted, then invariant checks (report in docs/chaos/, exit 1 on a
+# violation). Starts private PostgreSQL/Redis instances; e.g. CHAOS_ARGS="--broker rabbitmq".
+chaos: install
+	$(PY) -m perf.chaos $(CHAOS_ARGS)
+
+# The same in about two minutes (a few hundred orders, every fault once or more): run by CI.
+chaos-short: install
+	$(PY) -m perf.chaos --short $(CHAOS_ARGS)
+
+# Benchmarks on the local PostgreSQL + Redis with real workers: chainsaga against a hand-rolled
+# Celery chain, the outbox, the relay, the API (report and charts in docs/benchmarks/, exit 1 when
+# a target is missed). Uses its own database and Redis databases: see perf/bench.py.
+bench: install
+	$(PY) -m perf.bench $(BENCH_ARGS)
+
+# The same with small samples, in about a minute (figures are noisier; report docs/benchmarks/quick.md).
+bench-quick: install
+	$(PY) -m perf.bench --quick $(BENCH_ARGS)
 
 check: install
 	$(PY) manage.py check

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from collections.abc import Mapping
 from decimal import Decimal
 
 from django.db.models import Sum
 
 from inventory.models import Reservation, ReservationStatus, Stock
-from orders.models import Order, OrderStatus
+from orders.models import Flow, Order, OrderItem, OrderStatus
 from payments.models import Payment, Refund
-from sagas.models import SagaInstance
+from sagas.models import SagaInstance, SagaState
 
 
 def shop_invariant_violations(orders=None) -> list[str]:
-    """Every way the shop's books disagree, as sentences (empty when all is well):
-    stock reserved must equal what live reservations hold, within 0..on_hand; per settled order,
-    charged - refunded must equal the total if confirmed and 0 if cancelled."""
+    """Every way the shop's books disagree, as sentences (empty when all is well): the stock
+    violations and the money violations below."""
+    return stock_violations() + money_violations(orders)
+
+
+def stock_violations() -> list[str]:
+    """Stock reserved must equal what live reservations hold, within 0..on_hand."""
     violations = []
     held = dict(
         Reservation.objects.filter(status=ReservationStatus.RESERVED)
@@ -30,14 +35,63 @@ def shop_invariant_violations(orders=None) -> list[str]:
             violations.append(f"{stock.product.sku}: reserved {stock.reserved} but reservations hold {held.get(stock.product_id, 0)}")
         if not 0 <= stock.reserved <= stock.on_hand:
             violations.append(f"{stock.product.sku}: reserved {stock.reserved} outside 0..{stock.on_hand}")
-    charged = _sums(Payment.objects.values("reference"), "reference")
-    refunded = _sums(Refund.objects.values("payment__reference"), "payment__reference")
+    return violations
+
+
+def money_violations(orders=None, *, net_charged: Mapping[str, Decimal] | None = None) -> list[str]:
+    """Per settled order, charged - refunded must equal the total if confirmed and 0 if cancelled.
+    By default from our Payment and Refund rows; pass `net_charged` (order id -> net amount, e.g.
+    from the payment provider's own ledger) to check another book against the orders."""
+    if net_charged is None:
+        charged = _sums(Payment.objects.values("reference"), "reference")
+        refunded = _sums(Refund.objects.values("payment__reference"), "payment__reference")
+        net_charged = {ref: amount - refunded.get(ref, Decimal("0")) for ref, amount in charged.items()}
+    violations = []
     orders = Order.objects.all() if orders is None else orders
     for order in orders.exclude(status=OrderStatus.PENDING).only("id", "status", "total"):
-        net = charged.get(str(order.id), Decimal("0")) - refunded.get(str(order.id), Decimal("0"))
+        net = net_charged.get(str(order.id), Decimal("0"))
         expected = order.total if order.status == OrderStatus.CONFIRMED else Decimal("0")
         if net != expected:
             violations.append(f"order {order.id} is {order.status} with {net} charged net; expected {expected}")
+    return violations
+
+
+def order_saga_mismatches(orders) -> list[str]:
+    """Orders whose outcome disagrees with their saga: an orchestrated order is confirmed exactly
+    when its saga COMPLETED and cancelled exactly when it COMPENSATED; a choreographed one has no
+    saga. Pending orders are reported too."""
+    expected = {OrderStatus.CONFIRMED: SagaState.COMPLETED, OrderStatus.CANCELLED: SagaState.COMPENSATED}
+    violations = []
+    for order_id, flow, status, saga_state in orders.values_list("id", "flow", "status", "saga__state"):
+        if status == OrderStatus.PENDING:
+            violations.append(f"order {order_id} ({flow}) is still pending (saga {saga_state or '-'})")
+        elif flow == Flow.CHOREOGRAPHED and saga_state is not None:
+            violations.append(f"order {order_id} is choreographed but has a saga ({saga_state})")
+        elif flow == Flow.ORCHESTRATED and saga_state != expected[status]:
+            violations.append(f"order {order_id} is {status} but its saga is {saga_state}")
+    return violations
+
+
+def order_reservation_violations(orders) -> list[str]:
+    """A confirmed order's reservations are committed and hold exactly its lines; a cancelled
+    order holds nothing (every reservation it made was released)."""
+    orders = list(orders.exclude(status=OrderStatus.PENDING).only("id", "saga_id", "status"))
+    lines: dict = {}
+    for order_id, product_id, quantity in OrderItem.objects.filter(order__in=orders).values_list("order_id", "product_id", "quantity"):
+        lines.setdefault(order_id, {})[product_id] = quantity
+    held: dict = {}
+    for saga_id, product_id, quantity, status in Reservation.objects.filter(
+        saga_id__in=[o.correlation_id for o in orders]
+    ).values_list("saga_id", "product_id", "quantity", "status"):
+        held.setdefault((saga_id, status), {})[product_id] = quantity
+    violations = []
+    for order in orders:
+        committed = held.get((order.correlation_id, ReservationStatus.COMMITTED), {})
+        reserved = held.get((order.correlation_id, ReservationStatus.RESERVED), {})
+        if order.status == OrderStatus.CONFIRMED and (committed != lines.get(order.id, {}) or reserved):
+            violations.append(f"order {order.id} is confirmed; committed {committed}, still reserved {reserved}, ordered {lines.get(order.id)}")
+        if order.status == OrderStatus.CANCELLED and (committed or reserved):
+            violations.append(f"order {order.id} is cancelled but holds committed {committed}, reserved {reserved}")
     return violations
 
 
@@ -64,8 +118,6 @@ def _sums(queryset, field: str) -> dict[str, Decimal]:
 
 def order_quantities(order_id) -> dict[int, int]:
     """Product id -> units ordered."""
-    from orders.models import OrderItem
-
     return dict(OrderItem.objects.filter(order_id=order_id).values_list("product_id", "quantity"))
 
 

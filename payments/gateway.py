@@ -60,6 +60,7 @@ class ProviderCharge:
     reference: str
     amount: Decimal
     currency: str
+    key: str = ""
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,14 @@ class ProviderRefund:
     reference: str
     charge_reference: str
     amount: Decimal
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class ProviderLedger:
+    charges: list[ProviderCharge]
+    refunds: list[ProviderRefund]
+    calls: dict[str, int]  # charge calls per idempotency key
 
 
 _SCHEMA = """
@@ -148,6 +157,17 @@ class SimulatedProvider:
     def refunds(self) -> dict[str, Decimal]:
         with closing(self._connect()) as db:
             return {key: Decimal(amount) for key, amount in db.execute("SELECT charge_reference, amount FROM refunds")}
+
+    def ledger(self) -> ProviderLedger:
+        """Every charge and refund the provider made, and how often each key was called (for
+        reconciliation and invariant checks)."""
+        with closing(self._connect()) as db:
+            charges = [ProviderCharge(ref, Decimal(amount), currency, key)
+                       for key, ref, amount, currency in db.execute("SELECT key, reference, amount, currency FROM charges")]
+            refunds = [ProviderRefund(ref, charge_ref, Decimal(amount), key)
+                       for key, ref, charge_ref, amount in db.execute("SELECT key, reference, charge_reference, amount FROM refunds")]
+            calls = dict(db.execute("SELECT key, count FROM calls"))
+        return ProviderLedger(charges=charges, refunds=refunds, calls=calls)
 
     def reset(self) -> None:
         with closing(self._connect()) as db:

@@ -1,4 +1,19 @@
-from sagas.models import SagaInstance, StepExecution
+"""Reads over the saga log and the outbox: timelines, backlog, and what the soak checks."""
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.db.models import Count, Exists, F, Min, OuterRef, Q, Sum
+
+from sagas.models import (
+    ACTIVE_STATES,
+    ConsumerDelivery,
+    InboxMessage,
+    OutboxEvent,
+    SagaInstance,
+    SagaState,
+    StepExecution,
+)
 
 
 def saga_timeline(saga: SagaInstance) -> list[StepExecution]:
@@ -10,12 +25,6 @@ def saga_timeline(saga: SagaInstance) -> list[StepExecution]:
 def outbox_stats(*, now) -> dict:
     """Backlog (unpublished, not parked), age in seconds of the oldest of it, events published in
     the last minute per second, and dead-lettered count."""
-    from datetime import timedelta
-
-    from django.db.models import Count, Min, Q
-
-    from sagas.models import OutboxEvent
-
     stats = OutboxEvent.objects.aggregate(
         backlog=Count("pk", filter=Q(published_at__isnull=True, dead_lettered_at__isnull=True)),
         oldest=Min("created_at", filter=Q(published_at__isnull=True, dead_lettered_at__isnull=True)),
@@ -27,4 +36,83 @@ def outbox_stats(*, now) -> dict:
         "oldest_unpublished_age_s": round((now - stats["oldest"]).total_seconds(), 3) if stats["oldest"] else 0.0,
         "published_per_s": round(stats["last_minute"] / 60, 2),
         "dead_lettered": stats["dead_lettered"],
+    }
+
+
+def sagas_unfinished(sagas=None):
+    """Sagas that are not finished: still active, or FAILED without a recorded reason."""
+    sagas = SagaInstance.objects.all() if sagas is None else sagas
+    return sagas.filter(Q(state__in=ACTIVE_STATES) | Q(state=SagaState.FAILED, failure_reason=""))
+
+
+def outbox_unpublished():
+    """Committed events not published yet, the dead-lettered ones included."""
+    return OutboxEvent.objects.filter(published_at__isnull=True)
+
+
+def consumer_inbox_gaps() -> list[tuple[str, str, str]]:
+    """(consumer, event id, event type) for each published event that a subscribed in-process
+    consumer has not handled (no inbox row): a delivery that is lost, or still on its way."""
+    from sagas.consumers import subscriptions
+
+    gaps = []
+    for sub in subscriptions():
+        handled = InboxMessage.objects.filter(consumer=sub.consumer, event_id=OuterRef("id"))
+        missing = sub.matching(OutboxEvent.objects.filter(published_at__isnull=False)).exclude(Exists(handled))
+        gaps += [(sub.consumer, str(event_id), event_type) for event_id, event_type in missing.values_list("id", "event_type")]
+    return gaps
+
+
+def consumer_duplicates_absorbed() -> int:
+    """Deliveries of an event to a consumer beyond the first (redelivered, republished, retried),
+    which the consumer's inbox turned into no-ops."""
+    extra = ConsumerDelivery.objects.filter(deliveries__gt=1).aggregate(n=Sum(F("deliveries") - 1))["n"]
+    return extra or 0
+
+
+def outbox_repeated_events(*, aggregate_type: str, event_types) -> list[tuple[str, str, int]]:
+    """(aggregate id, event type, count) for each of these event types emitted more than once for
+    one aggregate: an effect that ran twice, which no inbox absorbed."""
+    return list(
+        OutboxEvent.objects.filter(aggregate_type=aggregate_type, event_type__in=list(event_types))
+        .values("aggregate_id", "event_type")
+        .annotate(n=Count("pk"))
+        .filter(n__gt=1)
+        .values_list("aggregate_id", "event_type", "n")
+    )
+
+
+def outbox_stream_gaps(*, published_after, client=None) -> dict:
+    """Against the Redis streams (settings.REDIS_URL): the events published after
+    `published_after` that are missing from their stream `events.<aggregate_type>`, and how many
+    stream entries repeat an event (at least once: consumers dedupe by id). Events published
+    earlier are not checked (a Redis restart without persistence loses a stream's entries)."""
+    import redis
+
+    from sagas.publishers import destination
+
+    client = client or redis.Redis.from_url(settings.REDIS_URL)
+    expected = OutboxEvent.objects.filter(published_at__gt=published_after).only("id", "aggregate_type")
+    streams = {destination(event) for event in expected}
+    seen: dict[str, int] = {}
+    for stream in streams:
+        for _, fields in client.xrange(stream):
+            event_id = fields[b"id"].decode()
+            seen[event_id] = seen.get(event_id, 0) + 1
+    missing = [str(event.id) for event in expected if str(event.id) not in seen]
+    return {"checked": len(expected), "missing": missing, "repeated_entries": sum(n - 1 for n in seen.values())}
+
+
+def saga_recovery_counts(sagas=None) -> dict[str, int]:
+    """How much recovery these sagas needed: step deliveries that never finished (worker lost,
+    database gone), and re-drives by the sweeper (lost messages)."""
+    sagas = SagaInstance.objects.all() if sagas is None else sagas
+    lost = StepExecution.objects.filter(saga__in=sagas, deliveries__gt=F("attempts")).aggregate(
+        n=Sum(F("deliveries") - F("attempts"))
+    )["n"]
+    redrives = sagas.aggregate(sagas=Count("pk", filter=Q(redrives__gt=0)), total=Sum("redrives"))
+    return {
+        "step deliveries that never finished (re-run)": lost or 0,
+        "sagas re-driven by the sweeper": redrives["sagas"] or 0,
+        "re-drives": redrives["total"] or 0,
     }

@@ -1,0 +1,123 @@
+"""The chaos soak's invariant checks and recovery counts, over the orders one run placed. Imported
+after django.setup(); every check is a selector of the app it belongs to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from django.utils import timezone
+
+from inventory.selectors import stock_ledger_violations
+from orders.models import Order, OrderStatus
+from orders.selectors import (
+    money_violations,
+    order_reservation_violations,
+    order_saga_mismatches,
+    stock_violations,
+)
+from payments.gateway import gateway
+from payments.selectors import provider_ledger_violations, provider_net_by_reference, provider_repeated_calls
+from sagas.models import OutboxEvent, SagaInstance
+from sagas.selectors import (
+    consumer_duplicates_absorbed,
+    consumer_inbox_gaps,
+    outbox_repeated_events,
+    outbox_stats,
+    outbox_stream_gaps,
+    outbox_unpublished,
+    saga_recovery_counts,
+    sagas_unfinished,
+)
+
+# Each of these happens at most once per order in both flows; a second one is an effect that ran
+# twice (a duplicate delivery no inbox or idempotency key absorbed).
+ONCE_PER_ORDER = (
+    "ORDER_CREATED", "PAYMENT_PROCESSED", "PAYMENT_FAILED", "INVENTORY_RESERVED", "STOCK_UNAVAILABLE",
+    "INVENTORY_RELEASED", "PAYMENT_REFUNDED", "ORDER_CONFIRMED", "FULFILLMENT_REQUESTED", "ORDER_CANCELLED",
+)
+EXAMPLES = 20  # violations listed per check in the report
+
+
+@dataclass
+class Check:
+    name: str
+    checked: int  # how many things the check looked at
+    violations: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "checked": self.checked, "violations": len(self.violations), "examples": self.violations[:EXAMPLES]}
+
+
+def open_work(order_ids) -> dict[str, int]:
+    """What is still in flight: the soak is quiet when every count is zero."""
+    orders = Order.objects.filter(pk__in=order_ids)
+    return {
+        "pending orders": orders.filter(status=OrderStatus.PENDING).count(),
+        "unfinished sagas": sagas_unfinished(SagaInstance.objects.filter(order__in=orders)).count(),
+        "unpublished events": outbox_unpublished().count(),
+        "unhandled deliveries": len(consumer_inbox_gaps()),
+    }
+
+
+def settled_count(order_ids) -> int:
+    return Order.objects.filter(pk__in=order_ids).exclude(status=OrderStatus.PENDING).count()
+
+
+def run_checks(order_ids, *, initial_on_hand: dict[str, int], redis_restarted_at: datetime | None) -> list[Check]:
+    orders = Order.objects.filter(pk__in=order_ids)
+    sagas = SagaInstance.objects.filter(order__in=orders)
+    ledger = gateway().ledger()
+    events = OutboxEvent.objects.count()
+    unfinished = sagas_unfinished(sagas).values_list("id", "state")
+    unpublished = outbox_unpublished().values_list("id", "event_type", "dead_lettered_at")
+    repeated = outbox_repeated_events(aggregate_type="order", event_types=ONCE_PER_ORDER)
+    backlog = outbox_stats(now=timezone.now())
+    checks = [
+        Check("every saga terminal (COMPLETED, COMPENSATED, or FAILED with a reason)", sagas.count(),
+              [f"saga {saga_id} is {state}" for saga_id, state in unfinished]),
+        Check("every order confirmed or cancelled, matching its saga", orders.count(), order_saga_mismatches(orders)),
+        Check("stock: reserved = live reservations, within 0..on hand", len(initial_on_hand), stock_violations()),
+        Check("stock: on hand + committed = initial, never negative", len(initial_on_hand),
+              stock_ledger_violations(initial_on_hand=initial_on_hand)),
+        Check("reservations: committed = lines if confirmed, none held if cancelled", orders.count(),
+              order_reservation_violations(orders)),
+        Check("money, our books: charged - refunded = total if confirmed, 0 if cancelled", orders.count(), money_violations(orders)),
+        Check("money, provider's ledger: charged - refunded = total if confirmed, 0 if cancelled", orders.count(),
+              money_violations(orders, net_charged=provider_net_by_reference(ledger))),
+        Check("no double charge: provider ledger = our payments, one charge per key and order", len(ledger.charges),
+              provider_ledger_violations(ledger)),
+        Check("every committed outbox event published (none lost)", events,
+              [f"{event_type} {event_id}{' dead-lettered' if parked else ''}" for event_id, event_type, parked in unpublished]),
+        Check("every published event handled once by each subscribed consumer (inbox)", events,
+              [f"{consumer} never handled {event_type} {event_id}" for consumer, event_id, event_type in consumer_inbox_gaps()]),
+        Check("no effect repeated: each order event emitted at most once per order", events,
+              [f"order {aggregate_id}: {event_type} x{n}" for aggregate_id, event_type, n in repeated]),
+        _stream_check(redis_restarted_at),
+        Check("outbox backlog back to zero (none dead-lettered)", 1,
+              [f"backlog {backlog['backlog']}, dead-lettered {backlog['dead_lettered']}"] if backlog["backlog"] or backlog["dead_lettered"] else []),
+    ]
+    return checks
+
+
+def _stream_check(redis_restarted_at: datetime | None) -> Check:
+    if redis_restarted_at is None:
+        return Check("Redis stream: every event published is in its stream", 0, ["Redis was not restarted; not checked"])
+    gaps = outbox_stream_gaps(published_after=redis_restarted_at)
+    return Check(
+        "Redis stream: every event published after the Redis restart is in its stream",
+        gaps["checked"],
+        [f"event {event_id} is missing from its stream" for event_id in gaps["missing"]],
+    )
+
+
+def recovery_counts(order_ids, *, redis_restarted_at: datetime | None) -> dict[str, int]:
+    """What the faults cost and what absorbed them (not violations: evidence the faults bit)."""
+    counts = saga_recovery_counts(SagaInstance.objects.filter(order__pk__in=order_ids))
+    counts["duplicate consumer deliveries absorbed by the inbox"] = consumer_duplicates_absorbed()
+    counts["charge calls repeated under one key (retries; the key makes them no second charge)"] = provider_repeated_calls()
+    if redis_restarted_at is not None:
+        counts["repeated Redis stream entries (consumers dedupe by id)"] = outbox_stream_gaps(published_after=redis_restarted_at)[
+            "repeated_entries"
+        ]
+    return counts
