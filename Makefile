@@ -56,7 +56,7 @@ chaos-short: install
 bench: install
 	$(PY) -m perf.bench $(BENCH_ARGS)
 
-# The same with small samples, in about a minute (figures are noisier; report docs/benchmarks/quick.md).
+# The same with small samples, in about a minute (figures are noisier; report in var/benchmarks/).
 bench-quick: install
 	$(PY) -m perf.bench --quick $(BENCH_ARGS)
 

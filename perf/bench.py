@@ -1,10 +1,11 @@
 """`make bench`: chainsaga against a hand-rolled Celery chain, on PostgreSQL + Redis with real
 `celery worker` processes, everything in one run so the ratios mean something.
 
-    python -m perf.bench            # about 8 minutes on 2 cores
+    python -m perf.bench            # about 4 minutes on 2 cores
     python -m perf.bench --quick    # about 1 minute, smaller samples (figures are noisier)
 
-Writes docs/benchmarks/latest.{md,json} and charts (PNG) next to them; --out picks another folder.
+Writes docs/benchmarks/latest.{md,json} and charts (PNG) next to them (--quick: var/benchmarks/,
+not committed); --out picks another folder.
 Uses its own database (dropped and created again) and its own Redis databases (flushed), named by
 BENCH_DATABASE_URL, BENCH_BROKER_URL and BENCH_REDIS_URL; never the ones `make run` uses.
 """
@@ -90,9 +91,11 @@ def recreate_database(url: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about a minute, smaller samples")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks", help="where the report goes")
+    parser.add_argument("--out", type=Path, default=None, help="where the report goes (default docs/benchmarks/, with --quick var/benchmarks/)")
     parser.add_argument("--only", help="comma-separated subset of: reference,sagas,outbox,drain,api (for profiling)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = REPO / ("var" if args.quick else "docs") / "benchmarks"
     urls = configure_environment()
     recreate_database(urls["BENCH_DATABASE_URL"])
 
