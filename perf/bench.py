@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from perf.common import REPO, machine_description, machine_markdown, summary_ms, write_report
+from perf.common import REPO, machine_description, machine_markdown, write_report
 
 DEFAULTS = {
     "BENCH_DATABASE_URL": "postgres://postgres@127.0.0.1:5432/chainsaga_bench",

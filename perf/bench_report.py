@@ -145,7 +145,7 @@ def markdown(results: dict, charts: list[Path], *, command: str, machine_line: s
         lines.append("")
     if "drain" in results:
         d = results["drain"]
-        lines += [f"## Relay drain", "", f"{d['published']} of {d['events']} backlogged events published by one relay in {d['wall_s']} s: **{d['per_s']} events/s** (batch {d['batch_size']}).", ""]
+        lines += ["## Relay drain", "", f"{d['published']} of {d['events']} backlogged events published by one relay in {d['wall_s']} s: **{d['per_s']} events/s** (batch {d['batch_size']}).", ""]
     if "api" in results:
         a = results["api"]
         lines += [

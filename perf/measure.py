@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import random
 import socket
 import subprocess
@@ -30,7 +29,7 @@ from orders.models import Flow, Order, OrderStatus
 from orders.services import LineRequest, order_place
 from perf import baseline
 from perf.common import REPO, summary_ms
-from sagas.models import OutboxEvent, SagaInstance
+from sagas.models import OutboxEvent
 from sagas.outbox import outbox_emit
 from sagas.publishers import RedisStreamPublisher
 from sagas.relay import outbox_relay

@@ -5,12 +5,10 @@ import logging
 from datetime import timedelta
 
 import pytest
-from django.db import DataError
 from django.utils import timezone
 
 from sagas import runner, services
 from sagas.definition import COMPENSATE, FORWARD
-from sagas.exceptions import UnknownSagaDefinition
 from sagas.models import SagaInstance, SagaState, StepExecution, StepState
 from sagas.tests.builders import (
     compensated_saga,
