@@ -29,9 +29,10 @@ from orders.models import Flow, Order, OrderStatus
 from orders.services import LineRequest, order_place
 from perf import baseline
 from perf.common import REPO, summary_ms
+from perf.services import free_port
 from sagas.models import OutboxEvent
 from sagas.outbox import outbox_emit
-from sagas.publishers import RedisStreamPublisher
+from sagas.publishers import RedisStreamPublisher, configured_publisher
 from sagas.relay import outbox_relay
 from sagas.testing import CeleryBeat, CeleryWorker, subprocess_environment
 
@@ -198,15 +199,9 @@ def _settle_outbox(timeout: float = 120) -> None:
     """Let the previous variant's events drain so it does not bill the next one."""
     deadline = time.monotonic() + timeout
     while OutboxEvent.objects.filter(published_at__isnull=True).exists() and time.monotonic() < deadline:
-        outbox_relay(publisher=_publisher(), time_budget=5)
+        outbox_relay(publisher=configured_publisher(), time_budget=5)
         time.sleep(0.2)
     time.sleep(1)
-
-
-def _publisher():
-    from sagas.publishers import configured_publisher
-
-    return configured_publisher()
 
 
 # --- outbox ---------------------------------------------------------------------------------------
@@ -302,7 +297,7 @@ def api_load(seconds: float, owner, products) -> dict:
     """POST /api/orders/ under an open-loop load from another process, on gunicorn, while the
     worker runs the sagas it starts."""
     token, _ = Token.objects.get_or_create(user=owner)
-    port = _free_port()
+    port = free_port()
     env = subprocess_environment()
     gunicorn = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "config.wsgi", f"--bind=127.0.0.1:{port}", f"--workers={GUNICORN_WORKERS}", "--preload", "--log-level=warning"],
@@ -326,12 +321,6 @@ def api_load(seconds: float, owner, products) -> dict:
     slow = sorted(zip(latencies, sent_at), reverse=True)[:10]
     report["slowest"] = [{"sent_at_s": round(at, 2), "ms": round(lat * 1000, 1)} for lat, at in slow]
     return {**report, "latency": summary_ms(latencies), "_latencies": latencies, "gunicorn_workers": GUNICORN_WORKERS}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(port: int, timeout: float = 30) -> None:

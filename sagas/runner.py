@@ -4,8 +4,9 @@ A step runs in two transactions:
   1. record the delivery (committed before any work, so a worker killed mid-step leaves a count
      behind; too many deliveries that never finished fail the step instead of looping). Usually
      one UPDATE of the step row; a step that is not plainly runnable takes the locked path;
-  2. under the saga and step row locks: skip if the log says COMPLETED, else run the action in a
-     savepoint and record its outcome. The action's writes and the COMPLETED mark commit together.
+  2. under the saga and step row locks: skip if the log says COMPLETED, else run the action and
+     record its outcome. The action's writes and the COMPLETED mark commit together; if the action
+     raises, the transaction rolls back whole and a third one records the failure or the retry.
 """
 
 from __future__ import annotations
@@ -195,21 +196,13 @@ def _record_delivery(saga_id, step_name: str, direction: str, *, now: datetime) 
     """Transaction 1 under the saga and step locks. Returns an early result, or None to go on and
     run the step."""
     with transaction.atomic():
-        saga = lock_saga(saga_id)
-        if not _runs(saga, direction):
-            log.info("saga_stale_message saga=%s step=%s direction=%s state=%s", saga.id, step_name, direction, saga.state)
-            return StepResult(Outcome.STALE)
-        definition = get_definition(saga.name, saga.version)
-        execution = lock_step(saga, step_name, direction)
-        if execution.state == StepState.COMPLETED:
-            log.info("saga_step_redelivered saga=%s step=%s direction=%s: already completed", saga.id, step_name, direction)
-            return StepResult(Outcome.DONE)
-        execution.deliveries += 1
-        early = _admit(saga, definition, execution, direction, now=now)
-        if early is None:
-            _mark(saga, execution, StepState.RUNNING, now=now)
+        admitted = _lock_and_admit(saga_id, step_name, direction, now=now, counting=True)
+        if isinstance(admitted, StepResult):
+            return admitted
+        saga, _, _, execution = admitted
+        _mark(saga, execution, StepState.RUNNING, now=now)
         execution.save()
-    return early
+    return None
 
 
 def _admit(saga: SagaInstance, definition: Saga, execution: StepExecution, direction: str, *, now: datetime) -> StepResult | None:
@@ -266,6 +259,7 @@ def _execute(saga_id, step_name: str, direction: str, *, faults: frozenset[str],
         if isinstance(admitted, StepResult):
             return admitted
         saga, definition, step, execution = admitted
+        _saga_running(saga, direction)
         transition(saga, "delivered", StepState.RUNNING, step=step_name, direction=direction, detail=f"delivery {execution.deliveries}")
         context = _context(saga, execution, now=now)
         try:
@@ -284,23 +278,34 @@ def _execute(saga_id, step_name: str, direction: str, *, faults: frozenset[str],
     return _record_failure(saga_id, step_name, direction, error, now=clock())
 
 
-def _lock_and_admit(saga_id, step_name: str, direction: str, *, now: datetime):
+def _lock_and_admit(saga_id, step_name: str, direction: str, *, now: datetime, counting: bool = False):
     """Under the saga and step locks: (saga, definition, step, execution) for a delivery that may
-    run the step, or the StepResult that says why it may not."""
+    run the step, or the StepResult that says why it may not. `counting`: this delivery is not
+    counted yet (the locked path of transaction 1); count it before checking the budget."""
     saga = lock_saga(saga_id)
     if not _runs(saga, direction):
+        log.info("saga_stale_message saga=%s step=%s direction=%s state=%s", saga.id, step_name, direction, saga.state)
         return StepResult(Outcome.STALE)
     definition = get_definition(saga.name, saga.version)
     execution = lock_step(saga, step_name, direction)
     if execution.state == StepState.COMPLETED:
-        return StepResult(Outcome.DONE)  # a concurrent delivery finished it while we waited
+        # redelivered, or a concurrent delivery finished it while this one waited
+        log.info("saga_step_redelivered saga=%s step=%s direction=%s: already completed", saga.id, step_name, direction)
+        return StepResult(Outcome.DONE)
+    if counting:
+        execution.deliveries += 1
     early = _admit(saga, definition, execution, direction, now=now)
     if early is not None:
         return early
+    return saga, definition, definition.step(step_name), execution
+
+
+def _saga_running(saga: SagaInstance, direction: str) -> None:
+    """A forward step is about to run or record its outcome: a PENDING saga has started (saved
+    with the outcome)."""
     if direction == FORWARD and saga.state == SagaState.PENDING:
         old, saga.state = saga.state, SagaState.RUNNING
         transition(saga, old, saga.state)
-    return saga, definition, definition.step(step_name), execution
 
 
 def _context(saga: SagaInstance, execution: StepExecution, *, now: datetime) -> StepContext:
@@ -334,6 +339,7 @@ def _record_failure(saga_id, step_name: str, direction: str, error: BaseExceptio
         if isinstance(admitted, StepResult):
             return admitted  # meanwhile another delivery finished the step, or the saga moved on
         saga, definition, step, execution = admitted
+        _saga_running(saga, direction)
         context = _context(saga, execution, now=now)
         execution.attempts += 1
         policy = step.policy(direction)
