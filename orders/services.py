@@ -19,7 +19,7 @@ from inventory.services import stock_commit
 from orders.models import Flow, IdempotencyRecord, IdempotencyRecordState, Order, OrderItem, OrderStatus
 from sagas import BusinessError
 from sagas.exceptions import SagaStateConflict
-from sagas.models import SagaState
+from sagas.models import SagaInstance, SagaState
 from sagas.outbox import outbox_emit
 from sagas.services import saga_abort
 
@@ -240,13 +240,21 @@ def order_cancel(*, order: Order, now: datetime | None = None) -> Order:
         # right now, and nothing could undo a reservation made after the cancel.
         raise OrderNotCancellable(f"order {order.id} is choreographed; it cannot be cancelled while its services react to it")
     try:
-        saga = saga_abort(saga_id=order.saga_id, reason="cancelled by the customer", now=now)
+        saga_abort(saga_id=order.saga_id, reason="cancelled by the customer", now=now)
     except SagaStateConflict:
-        raise OrderNotCancellable(f"order {order.id} was confirmed meanwhile and can no longer be cancelled") from None
-    if saga.state == SagaState.FAILED:
-        raise OrderNotCancellable(f"order {order.id} is being undone and needs an operator (saga {saga.id} FAILED)")
+        raise OrderNotCancellable(_why_not_cancellable(order)) from None
     order.refresh_from_db()
     return order
+
+
+def _why_not_cancellable(order: Order) -> str:
+    """What the customer is told when the order's saga refused the abort (without engine internals)."""
+    state = SagaInstance.objects.values_list("state", flat=True).get(pk=order.saga_id)
+    if state == SagaState.COMPLETED:
+        return f"order {order.id} was confirmed meanwhile and can no longer be cancelled"
+    if state == SagaState.FAILED:
+        return f"order {order.id} is being undone and waits for an operator of our support team; it cannot be cancelled now"
+    return f"order {order.id} cannot be cancelled right now; our support team has been notified"
 
 
 def _fingerprint(lines: Sequence[LineRequest], payment_method: str, flow: str) -> str:

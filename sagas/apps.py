@@ -7,7 +7,26 @@ class SagasConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from celery.signals import beat_init, worker_init
+
+        from sagas import checks  # noqa: F401 - registers the system check
+
         # Every app's `sagas.py` registers its definitions, so a web process, a worker and beat
         # all know every saga that may be running.
         autodiscover_modules("sagas")
         autodiscover_modules("consumers")  # event handlers (sagas.consumers.subscribe)
+        # Django runs the system checks for `migrate` and `runserver`; Celery does not.
+        worker_init.connect(_check_worker, weak=False)
+        beat_init.connect(_check_beat, weak=False)
+
+
+def _check_worker(**kwargs) -> None:
+    from sagas.checks import refuse_to_start_on_errors
+
+    refuse_to_start_on_errors("celery worker")
+
+
+def _check_beat(**kwargs) -> None:
+    from sagas.checks import refuse_to_start_on_errors
+
+    refuse_to_start_on_errors("celery beat")

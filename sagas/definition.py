@@ -14,10 +14,13 @@ step's writes and its COMPLETED mark commit together (DESIGN.md rule 2).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any
 from uuid import UUID
 
@@ -81,6 +84,16 @@ class Retry:
         if self.backoff < 0 or self.max_delay < 0:
             raise InvalidSagaDefinition("Retry.backoff and Retry.max_delay must not be negative")
 
+    def describe(self) -> dict:
+        """The policy as plain data (for the definition's fingerprint)."""
+        return {
+            "max_attempts": self.max_attempts,
+            "backoff": self.backoff,
+            "max_delay": self.max_delay,
+            "jitter": self.jitter,
+            "non_retryable": sorted(_callable_name(t) for t in self.non_retryable),
+        }
+
     def is_retryable(self, exc: BaseException) -> bool:
         return not isinstance(exc, (BusinessError, *self.non_retryable))
 
@@ -115,6 +128,21 @@ class Step:
     # for external calls such as a charge whose response was lost on every try. Its compensation
     # must find out by the idempotency key whether the effect happened.
     compensate_uncertain: bool = False
+
+    def describe(self) -> dict:
+        """The step as plain data: what decides how a saga in flight goes on (for the fingerprint)."""
+        return {
+            "name": self.name,
+            "action": _callable_name(self.action),
+            "compensation": _callable_name(self.compensation),
+            "retry": self.retry.describe(),
+            "compensation_retry": self.compensation_retry.describe(),
+            "timeout": self.timeout,
+            "max_deliveries": self.max_deliveries,
+            "queue": self.queue,
+            "on_failure": _callable_name(self.on_failure),
+            "compensate_uncertain": self.compensate_uncertain,
+        }
 
     def policy(self, direction: str) -> Retry:
         return self.retry if direction == FORWARD else self.compensation_retry
@@ -177,6 +205,21 @@ class Saga:
                     f"below the broker visibility timeout ({visibility}s, SAGAS_VISIBILITY_TIMEOUT)"
                 )
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of everything that decides how a saga in flight goes on: the steps in order with
+        their actions, compensations, hooks and policies, and the saga's own options. Recorded on
+        each saga when it starts; a deploy whose definition of a version differs from the one its
+        sagas in flight started with is refused (sagas.checks)."""
+        described = {  # not the name and version: each saga records those beside the fingerprint
+            "steps": [step.describe() for step in self.steps],
+            "compensate_in_parallel": self.compensate_in_parallel,
+            "continue_on_compensation_failure": self.continue_on_compensation_failure,
+            "deadline": self.deadline.total_seconds() if self.deadline is not None else None,
+            "on_finish": _callable_name(self.on_finish),
+        }
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
     def step(self, name: str) -> Step:
         try:
             return self._by_name[name]
@@ -191,6 +234,14 @@ class Saga:
         from sagas.services import saga_start
 
         return saga_start(definition=self, input=input or {}, idempotency_key=idempotency_key)
+
+
+def _callable_name(value) -> str | None:
+    """`module.qualname` of a function or class: stable across processes and restarts."""
+    if value is None:
+        return None
+    qualname = getattr(value, "__qualname__", None) or type(value).__qualname__
+    return f"{getattr(value, '__module__', None) or type(value).__module__}.{qualname}"
 
 
 def _register(saga: Saga) -> None:

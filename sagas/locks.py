@@ -14,9 +14,10 @@ def lock_saga(saga_id: UUID | str) -> SagaInstance:
         raise SagaNotFound(f"saga {saga_id} does not exist") from None
 
 
-def lock_step(saga: SagaInstance, name: str, direction: str) -> StepExecution:
-    """The step row; the caller holds the saga row lock already."""
-    return StepExecution.objects.select_for_update().get(saga=saga, name=name, direction=direction)
+def lock_step(saga: SagaInstance, name: str, direction: str) -> StepExecution | None:
+    """The step row, or None when the saga log has none (a compensation exists only for a step
+    that took effect); the caller holds the saga row lock already."""
+    return StepExecution.objects.select_for_update().filter(saga=saga, name=name, direction=direction).first()
 
 
 def lock_steps(saga: SagaInstance, direction: str) -> list[StepExecution]:

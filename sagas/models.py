@@ -37,6 +37,9 @@ class SagaInstance(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=100)
     version = models.PositiveIntegerField()
+    # Saga.fingerprint of the definition it started with: a deploy that would change it for a
+    # saga in flight is refused (sagas.checks). Empty for sagas started before it was recorded.
+    definition_fingerprint = models.CharField(max_length=64, blank=True, default="")
     state = models.CharField(max_length=16, choices=SagaState.choices, default=SagaState.PENDING)
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)
     input = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)

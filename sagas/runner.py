@@ -37,6 +37,7 @@ from sagas.log import transition
 from sagas.models import FaultKind, SagaInstance, SagaState, StepExecution, StepState
 from sagas.services import (
     RUNS_FORWARD,
+    UNFINISHED_STEP,
     saga_advance,
     saga_begin_compensation,
     saga_finish,
@@ -97,6 +98,9 @@ def step_failure_handle(*, saga_id: UUID | str, step_name: str, direction: str, 
         saga = lock_saga(saga_id)
         definition = get_definition(saga.name, saga.version)
         execution = lock_step(saga, step_name, direction)
+        if execution is None:
+            log.warning("saga_errback_dropped saga=%s step=%s direction=%s: the saga log has no such step", saga.id, step_name, direction)
+            return
         if execution.state == StepState.COMPLETED:
             # The step committed and its task failed afterwards (e.g. the hard time limit hit right
             # after the commit): the log says it is done, so the saga moves on.
@@ -173,12 +177,14 @@ def _count_delivery(saga_id, step_name: str, direction: str, *, now: datetime) -
     Taking no saga lock here is safe: the single UPDATE holds only the step row, and only for the
     statement, so it cannot take part in a deadlock; transaction 2 checks everything again under
     both locks before running anything."""
-    runs = RUNS_FORWARD if direction == FORWARD else (SagaState.COMPENSATING,)
+    if direction != FORWARD:
+        return False  # compensations are rare: their turn is checked under the locks
     # The step's own state must be tested on the row itself, not through a join (which Django
     # turns into `id IN (subquery)`): a delivery that waited for the row lock while another
     # completed the step must see COMPLETED on the row as committed, and not match.
     counted = StepExecution.objects.filter(
-        Exists(SagaInstance.objects.filter(pk=OuterRef("saga_id"), state__in=runs)),
+        Exists(SagaInstance.objects.filter(pk=OuterRef("saga_id"), state__in=RUNS_FORWARD)),
+        ~Exists(_earlier_unfinished_forward()),  # its turn: every earlier step COMPLETED (rule 13)
         saga_id=saga_id,
         name=step_name,
         direction=direction,
@@ -190,6 +196,12 @@ def _count_delivery(saga_id, step_name: str, direction: str, *, now: datetime) -
         started_at=Coalesce(F("started_at"), Value(now, output_field=DateTimeField())),
     )
     return counted == 1
+
+
+def _earlier_unfinished_forward():
+    return StepExecution.objects.filter(
+        saga_id=OuterRef("saga_id"), direction=FORWARD, position__lt=OuterRef("position")
+    ).exclude(state=StepState.COMPLETED)
 
 
 def _record_delivery(saga_id, step_name: str, direction: str, *, now: datetime) -> StepResult | None:
@@ -241,7 +253,7 @@ def _release_delivery(saga_id, step_name: str, direction: str) -> None:
         with transaction.atomic():
             saga = lock_saga(saga_id)
             execution = lock_step(saga, step_name, direction)
-            if execution.state == StepState.RUNNING and execution.deliveries > execution.attempts:
+            if execution is not None and execution.state == StepState.RUNNING and execution.deliveries > execution.attempts:
                 execution.deliveries -= 1
                 execution.save(update_fields=["deliveries"])
     except (OperationalError, InterfaceError):
@@ -288,16 +300,43 @@ def _lock_and_admit(saga_id, step_name: str, direction: str, *, now: datetime, c
         return StepResult(Outcome.STALE)
     definition = get_definition(saga.name, saga.version)
     execution = lock_step(saga, step_name, direction)
+    if execution is None:
+        # No such step, or a compensation of a step the log does not show as having taken effect.
+        log.warning("saga_message_dropped saga=%s step=%s direction=%s: the saga log has no such step", saga.id, step_name, direction)
+        return StepResult(Outcome.STALE)
     if execution.state == StepState.COMPLETED:
         # redelivered, or a concurrent delivery finished it while this one waited
         log.info("saga_step_redelivered saga=%s step=%s direction=%s: already completed", saga.id, step_name, direction)
         return StepResult(Outcome.DONE)
+    waiting_for = _not_its_turn(saga, definition, execution)
+    if waiting_for:
+        # A stray or forged message: the log decides what may run (rule 13). Not counted as a
+        # delivery, so such messages cannot spend the step's budget either.
+        log.warning(
+            "saga_message_dropped saga=%s step=%s direction=%s: out of order, waiting for %s",
+            saga.id, step_name, direction, ", ".join(waiting_for),
+        )
+        return StepResult(Outcome.STALE)
     if counting:
         execution.deliveries += 1
     early = _admit(saga, definition, execution, direction, now=now)
     if early is not None:
         return early
     return saga, definition, definition.step(step_name), execution
+
+
+def _not_its_turn(saga: SagaInstance, definition: Saga, execution: StepExecution) -> list[str]:
+    """The steps that must finish before this one may run: for a forward step every earlier
+    forward step not COMPLETED; for a compensation run newest-first, every newer compensation not
+    finished yet. Empty when it is this step's turn."""
+    steps = StepExecution.objects.filter(saga=saga, direction=execution.direction)
+    if execution.direction == FORWARD:
+        blocking = steps.filter(position__lt=execution.position).exclude(state=StepState.COMPLETED)
+    elif definition.compensate_in_parallel:
+        return []
+    else:
+        blocking = steps.filter(position__gt=execution.position, state__in=UNFINISHED_STEP)
+    return [f"{name} ({state})" for name, state in blocking.order_by("position").values_list("name", "state")]
 
 
 def _saga_running(saga: SagaInstance, direction: str) -> None:

@@ -56,6 +56,7 @@ def saga_start(
                 saga = SagaInstance.objects.create(
                     name=definition.name,
                     version=definition.version,
+                    definition_fingerprint=definition.fingerprint,
                     idempotency_key=idempotency_key,
                     input=payload,
                     created_at=now,
@@ -77,17 +78,26 @@ def saga_start(
     return saga
 
 
+# Why a saga in each of these states cannot be aborted (an operator sees this in a 409).
+_NOT_ABORTABLE = {
+    SagaState.COMPLETED: "it COMPLETED; there is nothing to abort",
+    SagaState.COMPENSATED: "it is COMPENSATED already; there is nothing left to undo",
+    SagaState.FAILED: "it is FAILED: a compensation needs attention; retry the compensation instead",
+}
+
+
 def saga_abort(*, saga_id: UUID | str, reason: str = "aborted by operator", now: datetime | None = None) -> SagaInstance:
     """Stop a running saga and compensate what it completed. Waits for a step that is running
-    right now to finish first. Aborting a saga that is already compensating or done compensating
-    returns it unchanged. Raises SagaNotFound, SagaStateConflict (the saga COMPLETED)."""
+    right now to finish first. Aborting a saga that is compensating already returns it unchanged.
+    Raises SagaNotFound, SagaStateConflict (it COMPLETED, COMPENSATED or FAILED, or this
+    deployment does not know its definition)."""
     now = now or timezone.now()
     with transaction.atomic():
         saga = lock_saga(saga_id)
-        if saga.state == SagaState.COMPLETED:
-            raise SagaStateConflict(f"saga {saga.id} is COMPLETED; there is nothing to abort")
+        if saga.state in _NOT_ABORTABLE:
+            raise SagaStateConflict(f"saga {saga.id} cannot be aborted: {_NOT_ABORTABLE[saga.state]}")
         if saga.state in RUNS_FORWARD:
-            saga_begin_compensation(saga, _definition(saga), reason=reason, now=now)
+            saga_begin_compensation(saga, _operable_definition(saga, "aborted"), reason=reason, now=now)
     return saga
 
 
@@ -99,7 +109,7 @@ def saga_retry_compensation(*, saga_id: UUID | str, now: datetime | None = None)
         saga = lock_saga(saga_id)
         if saga.state != SagaState.FAILED:
             raise SagaStateConflict(f"saga {saga.id} is {saga.state}; only a FAILED saga's compensation can be retried")
-        definition = _definition(saga)
+        definition = _operable_definition(saga, "retried")
         for execution in lock_steps(saga, COMPENSATE):
             if execution.state == StepState.FAILED:
                 execution.state = StepState.PENDING
@@ -113,6 +123,22 @@ def saga_retry_compensation(*, saga_id: UUID | str, now: datetime | None = None)
         saga.save()
         saga_advance(saga, definition, now=now)
     return saga
+
+
+def saga_definition_adopt(*, name: str, version: int) -> int:
+    """Record the registered definition of `name` v`version` as the one its unfinished sagas run
+    on, after an in-place change the operator knows they can finish under (the system check
+    refuses a deploy otherwise). Returns how many sagas changed. Raises UnknownSagaDefinition."""
+    from sagas.versions import NEEDS_DEFINITION
+
+    definition = get_definition(name, version)
+    changed = (
+        SagaInstance.objects.filter(name=name, version=version, state__in=NEEDS_DEFINITION)
+        .exclude(definition_fingerprint=definition.fingerprint)
+        .update(definition_fingerprint=definition.fingerprint)
+    )
+    log.warning("saga_definition_adopted name=%s v=%s sagas=%s fingerprint=%s", name, version, changed, definition.fingerprint)
+    return changed
 
 
 def saga_sweep(*, now: datetime | None = None, limit: int | None = None) -> dict[str, int]:
@@ -281,6 +307,16 @@ def _compensation_failure(failed: list[StepExecution]) -> str:
 
 def _definition(saga: SagaInstance) -> Saga:
     return get_definition(saga.name, saga.version)
+
+
+def _operable_definition(saga: SagaInstance, action: str) -> Saga:
+    try:
+        return _definition(saga)
+    except UnknownSagaDefinition:
+        raise SagaStateConflict(
+            f"saga {saga.id} cannot be {action}: its definition {saga.name} v{saga.version} is not registered "
+            "in this deployment (see `manage.py sagas versions`)"
+        ) from None
 
 
 def _sweepable_definition(saga: SagaInstance, *, now: datetime) -> Saga | None:

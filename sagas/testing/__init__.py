@@ -174,6 +174,16 @@ class _CeleryProcess:
             text = text[self._offset :]
         return text.decode(errors="replace")
 
+    def wait_for_output(self, text: str, *, timeout: float = 30.0) -> str:
+        """Until `text` appears in what the process printed since it started; AssertionError with
+        the tail of its log if it does not within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while text not in (output := self.output(since_start=True)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in celery {self.args[0]}'s output after {timeout}s:\n{output[-3000:]}")
+            time.sleep(0.05)
+        return output
+
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

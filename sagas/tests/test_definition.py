@@ -1,6 +1,7 @@
 """Saga definitions: retry policy arithmetic, what a definition refuses, and the registry."""
 
 import random
+from datetime import timedelta
 
 import pytest
 
@@ -186,3 +187,56 @@ def test_the_hard_time_limit_grace_counts_against_the_visibility_timeout(setting
 
     with pytest.raises(InvalidSagaDefinition, match="visibility timeout"):
         Saga(unique_name, version=1, steps=[step])
+
+
+# --- fingerprints -----------------------------------------------------------------------------
+
+
+def undo(ctx):
+    return None
+
+
+def other_undo(ctx):
+    return None
+
+
+def two_steps(name: str, *, swap: bool = False, step_b: dict | None = None, **options) -> Saga:
+    steps = [Step("a", action=noop, compensation=undo), Step(**{"name": "b", "action": noop, "compensation": undo, **(step_b or {})})]
+    return Saga(name, version=1, steps=steps[::-1] if swap else steps, **options)
+
+
+def test_two_definitions_of_the_same_steps_and_policies_have_the_same_fingerprint(unique_name):
+    # Names and values only (no ids or addresses): a worker and the web process agree.
+    first, second = two_steps(f"{unique_name}_1"), two_steps(f"{unique_name}_2")
+
+    assert first.fingerprint == second.fingerprint
+    assert len(first.fingerprint) == 64
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"swap": True},
+        {"step_b": {"compensation": other_undo}},
+        {"step_b": {"compensation": None}},
+        {"step_b": {"action": undo}},
+        {"step_b": {"retry": Retry(max_attempts=5)}},
+        {"step_b": {"retry": Retry(non_retryable=(KeyError,))}},
+        {"step_b": {"compensation_retry": Retry(max_delay=1.0)}},
+        {"step_b": {"timeout": 12.0}},
+        {"step_b": {"max_deliveries": 5}},
+        {"step_b": {"compensate_uncertain": True}},
+        {"step_b": {"on_failure": undo}},
+        {"compensate_in_parallel": True},
+        {"continue_on_compensation_failure": True},
+        {"deadline": timedelta(minutes=5)},
+        {"on_finish": undo},
+    ],
+    ids=lambda change: ",".join(f"{k}={v}" for k, v in change.items())[:40],
+)
+def test_a_change_to_steps_order_actions_compensations_hooks_or_policies_changes_the_fingerprint(unique_name, change):
+    before = two_steps(f"{unique_name}_before")
+
+    after = two_steps(f"{unique_name}_after", **change)
+
+    assert before.fingerprint != after.fingerprint

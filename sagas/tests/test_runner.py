@@ -106,3 +106,65 @@ def test_a_delivery_that_waited_while_another_completed_the_step_is_not_counted_
 
     assert counted is False, "it must see the committed COMPLETED, or it would run the step a second time"
     assert (step_row(saga, "reserve").state, step_row(saga, "reserve").deliveries) == (StepState.COMPLETED, 1)
+
+
+def test_a_forward_step_whose_earlier_steps_have_not_completed_is_dropped_uncounted(sent, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        saga = services.saga_start(definition=three_steps, input={})
+
+    result = run(saga, "notify")  # a stray or forged message: reserve and charge never ran
+
+    assert result.outcome is runner.Outcome.STALE
+    notify = step_row(saga, "notify")
+    assert (notify.state, notify.deliveries, notify.result) == (StepState.PENDING, 0, None)
+    assert reload(saga).state == SagaState.PENDING
+
+
+def test_a_forward_step_runs_once_every_earlier_step_completed(sent, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        saga = services.saga_start(definition=three_steps, input={})
+        run(saga, "reserve")
+        assert run(saga, "notify").outcome is runner.Outcome.STALE, "charge has not run yet"
+        run(saga, "charge")
+
+        result = run(saga, "notify")
+
+    assert result.outcome is runner.Outcome.DONE
+    assert reload(saga).state == SagaState.COMPLETED
+
+
+def test_a_compensation_of_a_step_that_never_took_effect_is_dropped(sent, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        saga = services.saga_start(definition=three_steps, input={})
+        run(saga, "reserve")
+        services.saga_abort(saga_id=saga.id, reason="unit test")
+
+        result = run(saga, "charge", COMPENSATE)
+
+    assert result.outcome is runner.Outcome.STALE
+    assert not StepExecution.objects.filter(saga=saga, name="charge", direction=COMPENSATE).exists()
+    assert reload(saga).state == SagaState.COMPENSATING
+
+
+def test_compensations_run_newest_first_an_older_one_waits_for_its_turn(sent, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        saga = services.saga_start(definition=three_steps, input={})
+        run(saga, "reserve")
+        run(saga, "charge")
+        services.saga_abort(saga_id=saga.id, reason="unit test")
+
+        early = run(saga, "reserve", COMPENSATE)
+        in_turn = [run(saga, "charge", COMPENSATE).outcome, run(saga, "reserve", COMPENSATE).outcome]
+
+    assert early.outcome is runner.Outcome.STALE
+    assert in_turn == [runner.Outcome.DONE, runner.Outcome.DONE]
+    assert reload(saga).state == SagaState.COMPENSATED
+
+
+def test_an_errback_for_a_step_the_log_does_not_have_changes_nothing(sent, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        saga = services.saga_start(definition=three_steps, input={})
+
+    runner.step_failure_handle(saga_id=saga.id, step_name="no_such_step", direction=FORWARD, failed_task_id="t-1")
+
+    assert reload(saga).state == SagaState.PENDING

@@ -248,3 +248,44 @@ def test_a_saga_without_a_registered_definition_does_not_stop_the_sweeper_redriv
 
     assert reload(healthy).redrives == 1
     assert sent.forward == [(str(healthy.pk), three_steps.name, 0)]
+
+
+# --- operator actions that do not fit the saga ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("build", "why"),
+    [(completed_saga, "COMPLETED"), (compensated_saga, "COMPENSATED already"), (failed_saga, "FAILED: a compensation needs attention")],
+)
+def test_aborting_a_finished_saga_is_refused_with_the_reason(sent, django_capture_on_commit_callbacks, build, why):
+    with django_capture_on_commit_callbacks(execute=True):
+        saga = build()
+    before = reload(saga)
+
+    with pytest.raises(services.SagaStateConflict, match=why):
+        services.saga_abort(saga_id=saga.id)
+
+    after = reload(saga)
+    assert (after.state, after.updated_at, after.failure_reason) == (before.state, before.updated_at, before.failure_reason)
+
+
+def test_aborting_a_saga_whose_definition_this_deployment_lacks_is_refused_not_crashed(sent, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        saga = services.saga_start(definition=three_steps, input={})
+    SagaInstance.objects.filter(pk=saga.pk).update(name="unit_services_removed")
+
+    with pytest.raises(services.SagaStateConflict, match="unit_services_removed v1 is not registered"):
+        services.saga_abort(saga_id=saga.id)
+
+    assert reload(saga).state == SagaState.PENDING
+
+
+def test_aborting_a_compensating_saga_again_changes_nothing(sent, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        saga = services.saga_start(definition=three_steps, input={})
+        run(saga, "reserve")
+        services.saga_abort(saga_id=saga.id, reason="first")
+
+    again = services.saga_abort(saga_id=saga.id, reason="second")
+
+    assert (again.state, reload(saga).failure_reason) == (SagaState.COMPENSATING, "first")
