@@ -70,12 +70,35 @@ def database(url: str | None, *, sqlite_file: Path) -> dict:
     config = dj_database_url.parse(url, conn_max_age=0 if url.startswith("sqlite") else 60)
     if config["ENGINE"] == "django.db.backends.sqlite3":
         config["OPTIONS"] = dict(SQLITE_OPTIONS)
+    elif config["ENGINE"] == "django.db.backends.postgresql":
+        config["OPTIONS"] = {**postgres_options(), **config.get("OPTIONS", {})}
     return config
+
+
+def postgres_options() -> dict:
+    """Every wait bounded (DESIGN.md rule 15): connecting, a dead peer (TCP keepalives), a lock
+    held too long, and a client that froze inside a transaction holding locks. Step
+    transactions tighten these per step (sagas.waits)."""
+    lock_ms = env_int("DB_LOCK_TIMEOUT_MS", 5000)
+    idle_ms = env_int("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", 60000)
+    return {
+        "connect_timeout": env_int("DB_CONNECT_TIMEOUT", 3),  # libpq's minimum is 2
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        "options": f"-c lock_timeout={lock_ms} -c idle_in_transaction_session_timeout={idle_ms}",
+    }
 
 
 def broker_url(url: str | None, *, sqlite_file: Path) -> str:
     """The Celery broker URL, or Celery's SQLAlchemy transport on a SQLite file when empty."""
     return url or f"sqla-fast+sqlite:///{sqlite_file}"  # config.broker
+
+
+def control_routes(queue: str) -> dict:
+    """Celery task routes sending the engine's housekeeping tasks to the control queue."""
+    return {name: {"queue": queue} for name in ("sagas.sweep", "sagas.consumers_redeliver", "sagas.outbox_cleanup")}
 
 
 def is_sqlalchemy_broker(url: str) -> bool:

@@ -44,6 +44,7 @@ from sagas.services import (
     saga_finish_compensation_if_done,
     saga_touch,
 )
+from sagas.waits import is_infrastructure_error, limit_step_transaction
 
 log = logging.getLogger("sagas")
 
@@ -83,8 +84,12 @@ def step_run(
         _die(saga_id, step_name, "before commit")
     try:
         result = _execute(saga_id, step_name, direction, faults=faults, clock=now)
-    except (OperationalError, InterfaceError):
+    except (OperationalError, InterfaceError) as exc:
         _release_delivery(saga_id, step_name, direction)  # the task retries this delivery
+        log.warning(
+            "saga_step_infrastructure_error saga=%s step=%s direction=%s: %s (retried; no attempt or delivery spent)",
+            saga_id, step_name, direction, _first_line(exc),
+        )
         raise
     if FaultKind.CRASH_AFTER_COMMIT in faults and result.outcome == Outcome.DONE:
         _die(saga_id, step_name, "after commit")
@@ -271,12 +276,17 @@ def _execute(saga_id, step_name: str, direction: str, *, faults: frozenset[str],
         if isinstance(admitted, StepResult):
             return admitted
         saga, definition, step, execution = admitted
+        limit_step_transaction(step)
         _saga_running(saga, direction)
         transition(saga, "delivered", StepState.RUNNING, step=step_name, direction=direction, detail=f"delivery {execution.deliveries}")
         context = _context(saga, execution, now=now)
         try:
             value = _call(step, direction, context, faults)
         except Exception as exc:  # noqa: BLE001 - the boundary around user code: recorded below
+            if is_infrastructure_error(exc):
+                # The database went away or a lock was not granted in time (a frozen process holds
+                # it): not the step's failure. step_run releases the delivery; the task retries.
+                raise
             error = exc
             transaction.set_rollback(True)
         else:
@@ -455,6 +465,10 @@ def _describe(error: BaseException) -> str:
     frames = traceback.extract_tb(error.__traceback__)
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
     return f"{type(error).__name__}: {error}{where}"
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
 
 
 def _die(saga_id, step_name: str, when: str) -> None:

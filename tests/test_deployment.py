@@ -20,9 +20,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 
-SERVICES = {"postgres", "redis", "migrate", "web", "worker", "beat"}
-APP_SERVICES = ["migrate", "web", "worker", "beat"]
-LONG_RUNNING_APP_SERVICES = ["web", "worker", "beat"]
+SERVICES = {"postgres", "redis", "migrate", "web", "worker", "control", "beat"}
+APP_SERVICES = ["migrate", "web", "worker", "control", "beat"]
+LONG_RUNNING_APP_SERVICES = ["web", "worker", "control", "beat"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def _has_healthcheck(service: dict) -> bool:
     return bool(test) and not healthcheck.get("disable", False) and test not in (["NONE"], "NONE")
 
 
-def test_compose_file_has_exactly_the_six_services(compose):
+def test_compose_file_has_exactly_the_seven_services(compose):
     assert set(compose["services"]) == SERVICES
 
 
@@ -191,3 +191,29 @@ def test_celery_speaks_json_only_and_acks_after_the_work_is_done():
     assert conf.task_acks_late is True
     assert conf.task_reject_on_worker_lost is True
     assert conf.worker_prefetch_multiplier == 1
+
+
+def _queues_of(command: list[str]) -> list[str]:
+    return command[command.index("-Q") + 1].split(",") if "-Q" in command else []
+
+
+def test_every_routed_task_has_a_compose_worker_for_its_queue_and_the_sweeper_its_own(compose):
+    from django.conf import settings
+
+    from config.env import control_routes
+
+    default, control = "chainsaga", "chainsaga-control"  # what production settings derive with no env set
+    routed = {route["queue"] for route in control_routes(control).values()}
+
+    worker, sweeper = compose["services"]["worker"]["command"], compose["services"]["control"]["command"]
+
+    assert _queues_of(worker) == [default]
+    assert _queues_of(sweeper) == [control] and routed == {control}
+    assert settings.CELERY_TASK_ROUTES["sagas.sweep"]["queue"] == settings.SAGAS_CONTROL_QUEUE
+
+
+def test_the_procfile_runs_a_control_worker_beside_the_step_worker():
+    procfile = dict(line.split(": ", 1) for line in (REPO_ROOT / "Procfile").read_text().splitlines() if line.strip())
+
+    assert "-Q ${CELERY_TASK_DEFAULT_QUEUE:-chainsaga}-control" in procfile["control"]
+    assert "-Q ${CELERY_TASK_DEFAULT_QUEUE:-chainsaga} " in procfile["worker"]

@@ -7,6 +7,7 @@ from config.env import (
     VAR_DIR,
     broker_transport_options,
     broker_url,
+    control_routes,
     database,
     env_bool,
     env_float,
@@ -94,6 +95,11 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_TASK_DEFAULT_QUEUE", "chainsaga")
+# The sweeper and the other beat housekeeping run on their own queue, served by their own worker
+# process (Procfile, docker-compose.yml): a step pool that is busy or stuck on locks must not
+# delay deadlines and re-drives.
+SAGAS_CONTROL_QUEUE = env_str("SAGAS_CONTROL_QUEUE", f"{CELERY_TASK_DEFAULT_QUEUE}-control")
+CELERY_TASK_ROUTES = control_routes(SAGAS_CONTROL_QUEUE)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TIMEZONE = "UTC"
@@ -135,6 +141,8 @@ SAGAS_FAULT_INJECTION = env_bool("SAGAS_FAULT_INJECTION", False)
 # How long past a step's timeout the sweeper waits before re-driving a saga that made no progress.
 SAGAS_STUCK_GRACE = env_float("SAGAS_STUCK_GRACE", 5.0)
 SAGAS_SWEEP_BATCH = env_int("SAGAS_SWEEP_BATCH", 200)
+# A step waits at most a third of its timeout for a row lock, and never longer than this (s).
+SAGAS_STEP_LOCK_TIMEOUT_MAX = env_float("SAGAS_STEP_LOCK_TIMEOUT_MAX", 10.0)
 
 LOGGING = {
     "version": 1,

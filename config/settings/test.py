@@ -7,7 +7,7 @@ import socket
 
 from django.core.exceptions import ImproperlyConfigured
 
-from config.env import VAR_DIR, broker_transport_options, broker_url, database, env_str
+from config.env import VAR_DIR, broker_transport_options, broker_url, control_routes, database, env_str
 from config.settings.base import *  # noqa: F403
 from config.settings.base import INSTALLED_APPS
 
@@ -42,6 +42,8 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
 CELERY_BROKER_URL = broker_url(_broker, sqlite_file=VAR_DIR / "test-broker.sqlite3")
 CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_TASK_DEFAULT_QUEUE", "chainsaga-test")
+SAGAS_CONTROL_QUEUE = env_str("SAGAS_CONTROL_QUEUE", f"{CELERY_TASK_DEFAULT_QUEUE}-control")
+CELERY_TASK_ROUTES = control_routes(SAGAS_CONTROL_QUEUE)
 CHAINSAGA_TEST_BACKEND = TEST_BACKEND
 
 # Shorter than production's hour, still above every definition's timeout + retry delay. A test

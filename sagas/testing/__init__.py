@@ -92,14 +92,20 @@ def timeline(saga_id: UUID | str) -> str:
 
 
 def purge_queues(*queues: str) -> int:
-    """Drop every message waiting in these queues (default: the default queue), e.g. between tests."""
-    from config.celery import app
+    """Drop every message waiting in these queues (default: the default and the control queue),
+    e.g. between tests."""
+    from celery import current_app
 
-    with app.connection_for_write() as conn:
-        if not queues:
-            return app.control.purge(connection=conn)
+    queues = queues or (settings.CELERY_TASK_DEFAULT_QUEUE, settings.SAGAS_CONTROL_QUEUE)
+    with current_app.connection_for_write() as conn:
         channel = conn.default_channel
-        return sum(channel.queue_purge(queue) or 0 for queue in queues)
+        purged = 0
+        for queue in queues:
+            try:
+                purged += channel.queue_purge(queue) or 0
+            except conn.channel_errors:  # RabbitMQ: a queue nobody declared yet
+                channel = conn.channel()
+        return purged
 
 
 def database_url(settings_dict: dict) -> str:
@@ -126,6 +132,7 @@ def subprocess_environment(**overrides: str) -> dict[str, str]:
         DATABASE_URL=database_url(connection.settings_dict),
         CELERY_BROKER_URL=settings.CELERY_BROKER_URL,
         CELERY_TASK_DEFAULT_QUEUE=settings.CELERY_TASK_DEFAULT_QUEUE,
+        SAGAS_CONTROL_QUEUE=settings.SAGAS_CONTROL_QUEUE,
         PYTHONUNBUFFERED="1",
     )
     if getattr(settings, "CHAINSAGA_TEST_BACKEND", None):
@@ -236,9 +243,10 @@ class CeleryWorker(_CeleryProcess):
         env: dict[str, str] | None = None,
         include: list[str] | None = None,
     ):
-        """`include`: extra modules of tasks to import (celery worker --include)."""
+        """`include`: extra modules of tasks to import (celery worker --include). By default the
+        worker consumes the default queue and the control queue (the sweeper and housekeeping)."""
         self.name = f"test-{uuid.uuid4().hex[:8]}@%h"
-        queues = queues or [settings.CELERY_TASK_DEFAULT_QUEUE]
+        queues = queues or [settings.CELERY_TASK_DEFAULT_QUEUE, settings.SAGAS_CONTROL_QUEUE]
         super().__init__(
             [
                 "worker",

@@ -13,8 +13,17 @@ COMPENSATION_RETRY = Retry(max_attempts=3, backoff=0.1, max_delay=0.5)
 STEP_NAMES = ["reserve", "charge", "ship", "notify"]
 
 
+def wait_for_gate(ctx: StepContext) -> None:
+    """`input["gate"][step]`: a file path; the step waits (at most its timeout) until it exists."""
+    gate = ctx.input.get("gate", {}).get(ctx.step)
+    deadline = time.monotonic() + 60
+    while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def record(ctx: StepContext) -> dict:
     time.sleep(ctx.input.get("sleep", {}).get(ctx.step, 0))
+    wait_for_gate(ctx)
     Effect.objects.create(saga_id=ctx.saga_id, step=ctx.step, direction=ctx.direction, pid=os.getpid())
     return {"step": ctx.step, "key": ctx.idempotency_key, "attempt": ctx.attempt}
 
@@ -39,6 +48,8 @@ four_steps = Saga("test_four_steps", version=1, steps=steps())
 parallel = Saga("test_parallel", version=1, steps=steps(), compensate_in_parallel=True)
 keep_going = Saga("test_keep_going", version=1, steps=steps(), continue_on_compensation_failure=True)
 with_deadline = Saga("test_deadline", version=1, steps=steps(), deadline=timedelta(seconds=2))
+
+gated = Saga("test_gated", version=1, steps=steps(timeout=30.0))  # its steps may wait on a gate for long
 
 # The same name in two versions: a saga finishes with the version it started with.
 versioned_v1 = Saga("test_versioned", version=1, steps=steps()[:2])
@@ -78,4 +89,26 @@ def credit(ctx):
 transfer = Saga("transfer", version=1, steps=[
     Step("debit_source", action=debit, compensation=credit_back),
     Step("credit_target", action=credit, retry=Retry(max_attempts=5, max_delay=10)),
+])
+
+
+# --- lock waits: a step that holds a wallet's row lock, on a queue of its own -------------------
+import logging  # noqa: E402
+
+from django.conf import settings  # noqa: E402
+
+HOLD_QUEUE = f"{settings.CELERY_TASK_DEFAULT_QUEUE}-hold"
+
+
+def hold_wallet(ctx):
+    Wallet.objects.select_for_update().get(pk=ctx.input["wallet"])
+    logging.getLogger("tests").warning("test_hold_wallet saga=%s holds wallet %s", ctx.saga_id, ctx.input["wallet"])
+    wait_for_gate(ctx)
+
+
+hold = Saga("test_hold_wallet", version=1, steps=[Step("hold", action=hold_wallet, queue=HOLD_QUEUE, timeout=6.0, retry=FAST_RETRY)])
+# The README's transfer with short step timeouts: its lock waits are bounded at a third of that.
+transfer_quick = Saga("test_transfer_quick", version=1, steps=[
+    Step("debit_source", action=debit, compensation=credit_back, timeout=6.0),
+    Step("credit_target", action=credit, timeout=6.0),
 ])
