@@ -17,9 +17,12 @@ from config.env import (
     env_str,
 )
 
-SECRET_KEY = env_str("SECRET_KEY", "insecure-local-development-key-change-me-0123456789")
+# No default here: local.py and test.py have development keys, production.py requires one.
+SECRET_KEY = env_str("SECRET_KEY", "")
 DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+# seed_demo creates users with published passwords; production.py turns this off.
+DEMO_SEED_ALLOWED = True
 
 INSTALLED_APPS = [
     "django.contrib.admin",
