@@ -211,6 +211,41 @@ def test_the_admin_login_with_the_right_password_below_the_limit_logs_in(login_l
     assert response["Location"] == "/admin/"
 
 
+# --- what axes records ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("header, value", [("User-Agent", "probe\x00"), ("Accept", "application/json, text/probe\x00")])
+def test_a_nul_byte_in_a_recorded_header_is_a_failed_login_not_a_500(login_limit, header, value):
+    # runserver passes a NUL byte in a header on; axes stores these headers with each attempt.
+    alice_with_password()
+    headers = {header: value}
+
+    api = [guess(APIClient(), f"guess-{n}", **headers).status_code for n in range(LIMIT)]
+    admin = admin_guess(Client(), "guess-admin", **headers).status_code
+
+    assert api == [400] * (LIMIT - 1) + [429]
+    assert admin == 429
+
+
+@pytest.mark.django_db
+def test_a_nul_byte_in_a_header_of_a_successful_admin_login_is_not_a_500(login_limit):
+    alice_with_password("s3cret-pass")
+
+    response = admin_guess(Client(), "s3cret-pass", **{"User-Agent": "probe\x00"})
+
+    assert response.status_code == 302
+
+
+@pytest.mark.django_db
+def test_a_username_with_a_nul_byte_is_a_400_before_any_lookup(login_limit):
+    alice_with_password()
+
+    response = guess(APIClient(), "whatever", username="al\x00ice")
+
+    assert response.status_code == 400
+
+
 # --- the client address ---------------------------------------------------------------------------
 
 

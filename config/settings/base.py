@@ -93,6 +93,7 @@ AXES_COOLOFF_TIME = timedelta(seconds=env_int("LOGIN_COOLOFF_SECONDS", 900))
 AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
 AXES_CLIENT_IP_CALLABLE = "config.security.client_address"
 AXES_LOCKOUT_CALLABLE = "config.security.lockout_response"
+AXES_HANDLER = "config.security.LoginAttemptHandler"  # axes' database handler, made NUL-safe
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
