@@ -5,7 +5,11 @@ address is taken from a configured number of trusted proxies, never from what a 
 Every test counts throttle hits in a cache of its own (not the shared Redis); axes records
 failures in the database, which each test rolls back."""
 
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from axes.helpers import get_client_ip_address
@@ -295,3 +299,35 @@ def test_the_token_endpoint_authenticates_no_one_so_a_bad_token_is_not_a_401(log
     response = guess(client, "s3cret-pass")
 
     assert response.status_code == 200, response.content
+
+
+def _settings_as_configured(tmp_path, **env: str) -> subprocess.CompletedProcess:
+    show = (
+        "import django; django.setup(); from django.conf import settings; "
+        "from rest_framework.settings import api_settings; "
+        "print(settings.NUM_PROXIES, api_settings.NUM_PROXIES, settings.AXES_CLIENT_IP_CALLABLE)"
+    )
+    clean = {key: value for key, value in os.environ.items() if key not in {"NUM_PROXIES", "DJANGO_SETTINGS_MODULE"}}
+    return subprocess.run(
+        [sys.executable, "-c", show],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**clean, "DJANGO_SETTINGS_MODULE": "config.settings.local", "CHAINSAGA_VAR_DIR": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("env, shown", [({}, "0 0"), ({"NUM_PROXIES": "2"}, "2 2")])
+def test_num_proxies_from_the_environment_reaches_drf_and_axes(tmp_path, env, shown):
+    result = _settings_as_configured(tmp_path, **env)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [*shown.split(), "config.security.client_address"]
+
+
+def test_a_negative_num_proxies_is_refused_at_start_up(tmp_path):
+    result = _settings_as_configured(tmp_path, NUM_PROXIES="-1")
+
+    assert result.returncode != 0
+    assert "ImproperlyConfigured: NUM_PROXIES=-1 must be 0 or more" in result.stderr
