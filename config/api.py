@@ -7,14 +7,16 @@ from drf_spectacular.utils import extend_schema, inline_serializer
 from kombu.exceptions import OperationalError as BrokerError
 from kombu.transport.virtual import Transport as VirtualTransport
 from rest_framework import serializers, status
+from rest_framework.exceptions import ValidationError
 from django.http import JsonResponse
 from django.views.defaults import page_not_found
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.permissions import AllowAny
-from rest_framework.throttling import AnonRateThrottle
 from rest_framework.response import Response
 from rest_framework.views import APIView
 from rest_framework.views import exception_handler as drf_exception_handler
+
+from config.security import AnonRateThrottle, LoginLockedOut, is_locked_out
 
 log = logging.getLogger("chainsaga.api")
 
@@ -85,9 +87,24 @@ def _check_broker() -> str:
 
 
 class TokenApi(ObtainAuthToken):
-    """POST {username, password} -> {token}. Throttled per client address against password guessing."""
+    """POST {username, password} -> {token}; 400 for wrong credentials; 429 when throttled per
+    client address, or when axes has locked out the username or the address (config.security).
 
+    It authenticates no one: a token or session sent along would exempt the caller from the
+    anonymous rate (and a bad one would answer 401 instead of checking the password)."""
+
+    authentication_classes = []
+    permission_classes = [AllowAny]
     throttle_classes = [AnonRateThrottle]
+
+    def post(self, request, *args, **kwargs):
+        try:
+            return super().post(request, *args, **kwargs)
+        except ValidationError:
+            # Axes makes a locked-out authenticate() look like wrong credentials; it marks the request.
+            if is_locked_out(request):
+                raise LoginLockedOut() from None
+            raise
 
 
 def not_found(request, exception):

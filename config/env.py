@@ -25,6 +25,14 @@ def env_str(name: str, default: str | None = None) -> str:
     return value
 
 
+def env_required(name: str, purpose: str) -> str:
+    """The variable's value; ImproperlyConfigured naming it and saying what it is for when unset or blank."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        raise ImproperlyConfigured(f"environment variable {name} is required: {purpose}")
+    return value
+
+
 def env_bool(name: str, default: bool) -> bool:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -65,6 +73,7 @@ def env_list(name: str, default: list[str]) -> list[str]:
 
 def database(url: str | None, *, sqlite_file: Path) -> dict:
     """A Django DATABASES entry from a URL, or the embedded SQLite file when url is empty."""
+    url = (url or "").strip()
     if not url:
         url = f"sqlite:///{sqlite_file}"
     config = dj_database_url.parse(url, conn_max_age=0 if url.startswith("sqlite") else 60)
@@ -93,7 +102,7 @@ def postgres_options() -> dict:
 
 def broker_url(url: str | None, *, sqlite_file: Path) -> str:
     """The Celery broker URL, or Celery's SQLAlchemy transport on a SQLite file when empty."""
-    return url or f"sqla-fast+sqlite:///{sqlite_file}"  # config.broker
+    return (url or "").strip() or f"sqla-fast+sqlite:///{sqlite_file}"  # config.broker
 
 
 def control_routes(queue: str) -> dict:
@@ -111,3 +120,14 @@ def broker_transport_options(url: str, *, visibility_timeout: int) -> dict:
     if is_sqlalchemy_broker(url):
         return {}
     return {"visibility_timeout": visibility_timeout}
+
+
+def refuse_embedded(*, database_config: dict, broker: str) -> None:
+    """ImproperlyConfigured when the database is SQLite or the broker is the SQLAlchemy transport:
+    fine on a laptop, not where several hosts or much load share them."""
+    if database_config["ENGINE"] == "django.db.backends.sqlite3":
+        raise ImproperlyConfigured("DATABASE_URL points at SQLite; use PostgreSQL, or set ALLOW_EMBEDDED=true to run on SQLite anyway")
+    if is_sqlalchemy_broker(broker):
+        raise ImproperlyConfigured(
+            "CELERY_BROKER_URL is the SQLAlchemy transport; use Redis or RabbitMQ, or set ALLOW_EMBEDDED=true to run on it anyway"
+        )

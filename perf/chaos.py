@@ -132,7 +132,8 @@ def prepare_database(plan: Plan) -> tuple[object, dict[str, int]]:
     from inventory.models import Stock
 
     call_command("migrate", verbosity=0, interactive=False)
-    call_command("seed_demo", stock=max(50, plan.orders // 2), stdout=open(os.devnull, "w"))
+    # force: production settings refuse demo users, and this deployment is thrown away afterwards.
+    call_command("seed_demo", stock=max(50, plan.orders // 2), force=True, stdout=open(os.devnull, "w"))
     initial = dict(Stock.objects.values_list("product__sku", "on_hand"))
     return get_user_model().objects.get(username="demo"), initial
 

@@ -1,7 +1,8 @@
 """Admin for the saga log: read-only, because the log is written only by the engine.
 
 Operators act on sagas through two actions that call the engine's services (retry a FAILED saga's
-compensation, abort a running saga); nothing in the admin writes a saga row itself.
+compensation, abort a running saga), each behind its own permission, the staff API's
+(sagas.permissions); nothing in the admin writes a saga row itself.
 
 Also home to the small helpers the domain apps' admins share (the read-only mixin, the state
 badges and the timeline table): they depend on the engine, never the reverse.
@@ -19,6 +20,7 @@ from django.utils.safestring import SafeString
 
 from sagas.exceptions import SagaStateConflict
 from sagas.models import ACTIVE_STATES, Fault, InboxMessage, OutboxEvent, SagaInstance, SagaState, StepExecution, StepState
+from sagas.permissions import ABORT_SAGA, REPLAY_OUTBOX_EVENT, RETRY_SAGA
 from sagas.relay import outbox_replay
 from sagas.selectors import outbox_stats, saga_timeline
 from sagas.services import saga_abort, saga_retry_compensation
@@ -143,7 +145,7 @@ class StuckForFilter(admin.SimpleListFilter):
 
 
 @admin.register(SagaInstance)
-class SagaInstanceAdmin(OperatedAdminMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
+class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["id", "name", "version", "coloured_state", "created_at", "updated_at", "finished_at", "redrives"]
     list_filter = ["state", "name", StuckForFilter]
     search_fields = ["id", "idempotency_key"]
@@ -156,7 +158,14 @@ class SagaInstanceAdmin(OperatedAdminMixin, ReadOnlyAdminMixin, admin.ModelAdmin
     def coloured_state(self, saga: SagaInstance) -> SafeString:
         return state_badge(saga.state)
 
-    @admin.action(description="Retry compensation of selected FAILED sagas", permissions=["operate"])
+    # The same permissions as the staff API's (sagas.permissions).
+    def has_retry_permission(self, request) -> bool:
+        return request.user.has_perm(RETRY_SAGA)
+
+    def has_abort_permission(self, request) -> bool:
+        return request.user.has_perm(ABORT_SAGA)
+
+    @admin.action(description="Retry compensation of selected FAILED sagas", permissions=["retry"])
     def retry_compensation(self, request, queryset: QuerySet[SagaInstance]) -> None:
         for saga_id in queryset.order_by("created_at").values_list("pk", flat=True):
             try:
@@ -166,7 +175,7 @@ class SagaInstanceAdmin(OperatedAdminMixin, ReadOnlyAdminMixin, admin.ModelAdmin
                 continue
             self.message_user(request, f"saga {saga.id}: compensation retried, now {saga.state}", messages.SUCCESS)
 
-    @admin.action(description="Abort selected sagas (compensate what they completed)", permissions=["operate"])
+    @admin.action(description="Abort selected sagas (compensate what they completed)", permissions=["abort"])
     def abort(self, request, queryset: QuerySet[SagaInstance]) -> None:
         for saga_id, before in queryset.order_by("created_at").values_list("pk", "state"):
             try:
@@ -203,7 +212,7 @@ class OutboxStateFilter(admin.SimpleListFilter):
 
 
 @admin.register(OutboxEvent)
-class OutboxEventAdmin(OperatedAdminMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
+class OutboxEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["sequence", "event_type", "aggregate_type", "aggregate_id", "created_at", "published_at", "attempts", "dead_lettered_at"]
     list_filter = [OutboxStateFilter, "aggregate_type", "event_type"]
     search_fields = ["id", "aggregate_id"]
@@ -213,7 +222,10 @@ class OutboxEventAdmin(OperatedAdminMixin, ReadOnlyAdminMixin, admin.ModelAdmin)
         extra_context = {**(extra_context or {}), "title": _outbox_title()}
         return super().changelist_view(request, extra_context)
 
-    @admin.action(description="Replay from the dead letter", permissions=["operate"])
+    def has_replay_permission(self, request) -> bool:
+        return request.user.has_perm(REPLAY_OUTBOX_EVENT)
+
+    @admin.action(description="Replay from the dead letter", permissions=["replay"])
     def replay(self, request, queryset: QuerySet[OutboxEvent]) -> None:
         replayed = outbox_replay(event_ids=list(queryset.values_list("pk", flat=True)))
         self.message_user(request, f"{replayed} event(s) replayed; {queryset.count() - replayed} were not dead-lettered.")

@@ -1,15 +1,16 @@
-"""Staff API over the saga log: list, inspect, retry a FAILED saga's compensation, abort."""
+"""Staff API over the saga log: list, inspect, retry a FAILED saga's compensation, abort. Each
+operation needs the same permissions as in the admin (sagas.permissions)."""
 
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.generics import ListAPIView
-from rest_framework.permissions import IsAdminUser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from sagas.exceptions import SagaStateConflict
 from sagas.models import OutboxEvent, SagaInstance, SagaState
+from sagas.permissions import ABORT_SAGA, REPLAY_OUTBOX_EVENT, RETRY_SAGA, VIEW_OUTBOX_EVENT, VIEW_SAGA, staff_with
 from sagas.relay import outbox_replay
 from sagas.selectors import saga_timeline
 from sagas.services import saga_abort, saga_retry_compensation
@@ -57,7 +58,7 @@ class SagaOutputSerializer(serializers.Serializer):
 
 
 class SagaListApi(ListAPIView):
-    permission_classes = [IsAdminUser]
+    permission_classes = [staff_with(VIEW_SAGA)]
     serializer_class = SagaOutputSerializer
 
     @extend_schema(parameters=[OpenApiParameter("state", enum=SagaState.values)])
@@ -70,7 +71,7 @@ class SagaListApi(ListAPIView):
 
 
 class SagaDetailApi(APIView):
-    permission_classes = [IsAdminUser]
+    permission_classes = [staff_with(VIEW_SAGA)]
 
     @extend_schema(responses=SagaOutputSerializer)
     def get(self, request, saga_id):
@@ -91,7 +92,7 @@ def _operate(saga_id, operation) -> Response:
 class SagaRetryApi(APIView):
     """Give a FAILED saga's compensations a fresh budget (202), or 409 if it is not FAILED."""
 
-    permission_classes = [IsAdminUser]
+    permission_classes = [staff_with(VIEW_SAGA, RETRY_SAGA)]
 
     @extend_schema(request=None, responses={202: SagaOutputSerializer})
     def post(self, request, saga_id):
@@ -101,7 +102,7 @@ class SagaRetryApi(APIView):
 class SagaAbortApi(APIView):
     """Abort a running saga: it compensates (202). 409 when it already COMPLETED."""
 
-    permission_classes = [IsAdminUser]
+    permission_classes = [staff_with(VIEW_SAGA, ABORT_SAGA)]
 
     @extend_schema(request=None, responses={202: SagaOutputSerializer})
     def post(self, request, saga_id):
@@ -126,7 +127,7 @@ class OutboxEventOutputSerializer(serializers.Serializer):
 class DeadLetterListApi(ListAPIView):
     """Staff: events parked after too many failed publishes (they hold back their aggregate)."""
 
-    permission_classes = [IsAdminUser]
+    permission_classes = [staff_with(VIEW_OUTBOX_EVENT)]
     serializer_class = OutboxEventOutputSerializer
 
     def get_queryset(self):
@@ -136,7 +137,7 @@ class DeadLetterListApi(ListAPIView):
 class OutboxReplayApi(APIView):
     """Staff: put a dead-lettered event back in line with a fresh retry budget (202); 409 if it is not dead-lettered."""
 
-    permission_classes = [IsAdminUser]
+    permission_classes = [staff_with(VIEW_OUTBOX_EVENT, REPLAY_OUTBOX_EVENT)]
 
     @extend_schema(request=None, responses={202: OutboxEventOutputSerializer})
     def post(self, request, event_id):

@@ -54,6 +54,8 @@ class SagaInstance(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        # Operator actions (sagas.permissions): checked alike by the staff API and the admin.
+        permissions = [("retry_saga", "Can retry saga compensation"), ("abort_saga", "Can abort saga")]
         constraints = [
             models.UniqueConstraint(
                 fields=["name", "idempotency_key"],
@@ -153,6 +155,7 @@ class OutboxEvent(models.Model):
 
     class Meta:
         ordering = ["sequence"]
+        permissions = [("replay_outboxevent", "Can replay outbox event from the dead letter")]
         indexes = [
             models.Index(fields=["aggregate_type", "aggregate_id", "sequence"], name="outbox_aggregate_idx"),
             models.Index(fields=["sequence"], condition=Q(published_at__isnull=True), name="outbox_unpublished_idx"),

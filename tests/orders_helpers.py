@@ -3,6 +3,7 @@
 from decimal import Decimal
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.db.models import Sum
 
 from inventory.models import Product
@@ -16,6 +17,29 @@ from payments.models import Payment, Refund
 def a_user(username: str = "alice", *, staff: bool = False):
     user, _ = get_user_model().objects.get_or_create(username=username, defaults={"is_staff": staff})
     return user
+
+
+def a_staff_user(username: str = "ops", *, permissions: tuple[str, ...] = ()):
+    """A staff user (not a superuser) holding exactly `permissions`, each "app_label.codename"."""
+    user = a_user(username, staff=True)
+    for permission in permissions:
+        app_label, codename = permission.split(".")
+        user.user_permissions.add(Permission.objects.get(content_type__app_label=app_label, codename=codename))
+    return get_user_model().objects.get(pk=user.pk)  # a fresh instance: has_perm caches what it saw
+
+
+# What the staff API and the admin's saga and outbox actions need, all of it.
+OPERATOR_PERMISSIONS = (
+    "sagas.view_sagainstance",
+    "sagas.retry_saga",
+    "sagas.abort_saga",
+    "sagas.view_outboxevent",
+    "sagas.replay_outboxevent",
+)
+
+
+def an_operator(username: str = "ops"):
+    return a_staff_user(username, permissions=OPERATOR_PERMISSIONS)
 
 
 def a_product(sku: str = "SKU-1", *, price: str = "10.00", on_hand: int = 100) -> Product:

@@ -377,7 +377,7 @@ def test_retrying_a_failed_sagas_compensation_runs_it_again(admin_client):
     assert [level for level, _ in messages_of(response)] == [messages.SUCCESS]
 
 
-def test_saga_actions_need_the_change_permission(client, django_user_model, shop):
+def test_saga_actions_are_not_offered_to_a_staff_user_who_may_only_view(client, django_user_model, shop):
     from django.contrib.auth.models import Permission
 
     viewer = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)

@@ -34,6 +34,19 @@ def test_seed_demo_creates_the_catalogue_and_users_once_and_prints_credentials()
     assert get_user_model().objects.get(username="demo").check_password("demo-password")
 
 
+@pytest.mark.django_db
+def test_seed_demo_refuses_demo_users_under_production_settings_unless_forced(settings):
+    settings.DEMO_SEED_ALLOWED = False  # as config.settings.production sets it (tests/test_deployment.py)
+
+    with pytest.raises(CommandError, match="production"):
+        run("seed_demo")
+    seeded_when_refused = (get_user_model().objects.count(), Product.objects.count())
+    forced = run("seed_demo", "--force")
+
+    assert seeded_when_refused == (0, 0)
+    assert "admin (password admin-password)" in forced
+
+
 @pytest.mark.django_db(transaction=True)
 def test_place_orders_waits_for_every_saga_and_reports_outcomes_with_invariants(saga_worker):
     SimulatedProvider(settings.PAYMENTS_PROVIDER_PATH).reset()

@@ -26,7 +26,7 @@ from payments.models import Payment
 from sagas.models import Direction, SagaInstance, SagaState, StepState
 from sagas.testing import inject_fault, timeline, wait_for_saga
 from tests.engine_helpers import wait_for_step
-from tests.orders_helpers import a_product, a_user, an_order, assert_shop_invariants
+from tests.orders_helpers import a_product, a_user, an_operator, an_order, assert_shop_invariants
 
 ORDERS = "/api/orders/"
 
@@ -652,7 +652,7 @@ def test_the_saga_endpoints_refuse_a_non_staff_user_with_403_and_an_anonymous_ca
 def test_staff_can_list_and_inspect_sagas():
     a_product()
     order = an_order()
-    staff = api_as(a_user("ops", staff=True))
+    staff = api_as(an_operator())
 
     listing = staff.get("/api/sagas/")
     detail = staff.get(f"/api/sagas/{order.saga_id}/")
@@ -667,7 +667,7 @@ def test_staff_can_list_and_inspect_sagas():
 
 @pytest.mark.django_db
 def test_an_unknown_saga_state_filter_gets_a_400_naming_state():
-    response = api_as(a_user("ops", staff=True)).get("/api/sagas/", {"state": "bogus"})
+    response = api_as(an_operator()).get("/api/sagas/", {"state": "bogus"})
 
     assert response.status_code == 400
     assert "state" in response.json()
@@ -678,7 +678,7 @@ def test_retrying_a_saga_that_has_not_failed_gets_409():
     a_product()
     order = an_order()
 
-    response = api_as(a_user("ops", staff=True)).post(f"/api/sagas/{order.saga_id}/retry/")
+    response = api_as(an_operator()).post(f"/api/sagas/{order.saga_id}/retry/")
 
     assert response.status_code == 409
     assert "FAILED" in response.json()["detail"]
@@ -690,7 +690,7 @@ def test_aborting_a_running_saga_answers_202_and_it_compensates():
     a_product()
     order = an_order()
 
-    response = api_as(a_user("ops", staff=True)).post(f"/api/sagas/{order.saga_id}/abort/")
+    response = api_as(an_operator()).post(f"/api/sagas/{order.saga_id}/abort/")
 
     assert response.status_code == 202, response.content
     assert response.json()["state"] in (SagaState.COMPENSATING, SagaState.COMPENSATED)
@@ -701,7 +701,7 @@ def test_aborting_a_running_saga_answers_202_and_it_compensates():
 
 @pytest.mark.django_db
 def test_retrying_or_aborting_an_unknown_saga_is_not_found():
-    staff = api_as(a_user("ops", staff=True))
+    staff = api_as(an_operator())
 
     responses = [staff.post(f"/api/sagas/{uuid.uuid4()}/retry/"), staff.post(f"/api/sagas/{uuid.uuid4()}/abort/")]
 
@@ -714,7 +714,7 @@ def test_aborting_a_completed_saga_gets_409(saga_worker):
     order, saga = finished(an_order().id)
     assert saga.state == SagaState.COMPLETED, timeline(saga.id)
 
-    response = api_as(a_user("ops", staff=True)).post(f"/api/sagas/{saga.id}/abort/")
+    response = api_as(an_operator()).post(f"/api/sagas/{saga.id}/abort/")
 
     assert response.status_code == 409
     assert "COMPLETED" in response.json()["detail"]
@@ -735,7 +735,7 @@ def an_order_whose_undo_failed(saga_worker):
 def test_staff_find_failed_sagas_by_state_and_retry_them_to_the_end(an_order_whose_undo_failed):
     order = an_order_whose_undo_failed
     confirmed, _ = finished(an_order(key="another").id)
-    staff = api_as(a_user("ops", staff=True))
+    staff = api_as(an_operator())
 
     failed = staff.get("/api/sagas/", {"state": "FAILED"})
     retried = staff.post(f"/api/sagas/{order.saga_id}/retry/")
@@ -825,7 +825,7 @@ def test_a_staff_abort_before_the_saga_started_leaves_the_order_cancelled_not_pe
     a_product()
     order = an_order()  # the saga's first message is never consumed: no worker in this test
 
-    response = api_as(a_user("ops", staff=True)).post(f"/api/sagas/{order.saga_id}/abort/")
+    response = api_as(an_operator()).post(f"/api/sagas/{order.saga_id}/abort/")
 
     assert response.status_code == 202, response.content
     order.refresh_from_db()

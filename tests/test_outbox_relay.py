@@ -314,7 +314,7 @@ def test_a_relay_stuck_publishing_does_not_hold_the_other_relays_back():
 def test_staff_list_and_replay_dead_lettered_events_and_health_counts_them(settings):
     from rest_framework.test import APIClient
 
-    from tests.orders_helpers import a_user
+    from tests.orders_helpers import an_operator
 
     settings.OUTBOX_MAX_ATTEMPTS = 1
     poison = emit("bad")
@@ -322,7 +322,7 @@ def test_staff_list_and_replay_dead_lettered_events_and_health_counts_them(setti
     recorder.failing.add("bad")
     outbox_relay(publisher=recorder)
     staff = APIClient()
-    staff.force_authenticate(a_user("ops", staff=True))
+    staff.force_authenticate(an_operator())
 
     listed = staff.get("/api/outbox/dead-letter/").json()
     health = APIClient().get("/api/health/").json()

@@ -2,6 +2,8 @@
 
 from datetime import timedelta
 
+from django.core.exceptions import ImproperlyConfigured
+
 from config.env import (
     BASE_DIR,
     VAR_DIR,
@@ -16,9 +18,12 @@ from config.env import (
     env_str,
 )
 
-SECRET_KEY = env_str("SECRET_KEY", "insecure-local-development-key-change-me-0123456789")
+# No default here: local.py and test.py have development keys, production.py requires one.
+SECRET_KEY = env_str("SECRET_KEY", "")
 DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+# seed_demo creates users with published passwords; production.py turns this off.
+DEMO_SEED_ALLOWED = True
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -31,6 +36,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "axes",
     "sagas",
     "inventory",
     "payments",
@@ -46,6 +52,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as axes asks: turns a locked-out admin login into axes' 429 (config.security).
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -69,6 +77,24 @@ TEMPLATES = [
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 DATABASES = {"default": database(env_str("DATABASE_URL", ""), sqlite_file=VAR_DIR / "chainsaga.sqlite3")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Login lockout and the client's address (config.security) ----------------------------------
+# Proxies in front of the app that each append the address they saw to X-Forwarded-For. 0: the
+# header is ignored and the peer address (REMOTE_ADDR) is the client. Counted wrong, a client can
+# pick its own address (too high) or every client shares the proxy's (too low).
+NUM_PROXIES = env_int("NUM_PROXIES", 0)
+if NUM_PROXIES < 0:
+    raise ImproperlyConfigured(f"NUM_PROXIES={NUM_PROXIES} must be 0 or more")
+# django-axes checks every authenticate() call (the admin login form and POST /api/auth/token/)
+# and locks out a username, and separately a client address, after LOGIN_FAILURE_LIMIT failures
+# until LOGIN_COOLOFF_SECONDS have passed since the latest failure.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 10)
+AXES_COOLOFF_TIME = timedelta(seconds=env_int("LOGIN_COOLOFF_SECONDS", 900))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_CLIENT_IP_CALLABLE = "config.security.client_address"
+AXES_LOCKOUT_CALLABLE = "config.security.lockout_response"
+AXES_HANDLER = "config.security.LoginAttemptHandler"  # axes' database handler, made NUL-safe
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -154,6 +180,7 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {
         "django.db.backends": {"level": "WARNING"},
+        "axes": {"level": "WARNING"},  # one INFO line per login attempt; failures and lockouts are WARNINGs
     },
 }
 
@@ -173,10 +200,12 @@ REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer", "rest_framework.renderers.BrowsableAPIRenderer"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
+    # Anonymous callers are counted per client address (config.security, the NUM_PROXIES rule).
     "DEFAULT_THROTTLE_CLASSES": [
-        "rest_framework.throttling.AnonRateThrottle",
-        "rest_framework.throttling.UserRateThrottle",
+        "config.security.AnonRateThrottle",
+        "config.security.UserRateThrottle",
     ],
+    "NUM_PROXIES": NUM_PROXIES,
     "DEFAULT_THROTTLE_RATES": {
         "anon": env_str("API_THROTTLE_ANON", "60/min"),
         "user": env_str("API_THROTTLE_USER", "6000/min"),

@@ -53,6 +53,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = broker_transport_options(CELERY_BROKER_URL, vi
 SAGAS_FAULT_INJECTION = True
 SAGAS_STUCK_GRACE = float(os.environ.get("SAGAS_STUCK_GRACE", "1.0"))
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+SECRET_KEY = os.environ.get("SECRET_KEY") or "insecure-test-suite-key-never-used-elsewhere-0123456789"
 INSTALLED_APPS = [*INSTALLED_APPS, "tests.sagaapp"]
 PAYMENTS_PROVIDER_PATH = os.environ.get("PAYMENTS_PROVIDER_PATH") or str(VAR_DIR / "test-payment-provider.sqlite3")
 OUTBOX_PUBLISHER = os.environ.get("OUTBOX_PUBLISHER") or ("redis,consumers" if REDIS_URL else "consumers")

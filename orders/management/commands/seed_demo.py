@@ -1,10 +1,14 @@
-"""Demo data: a catalogue with stock, a demo customer and an admin. Safe to run again."""
+"""Demo data: a catalogue with stock, a demo customer and an admin. Safe to run again.
+
+The users' default passwords are published in the README, so production settings refuse to seed
+(DEMO_SEED_ALLOWED) unless --force is given."""
 
 import os
 from decimal import Decimal
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from rest_framework.authtoken.models import Token
 
@@ -25,9 +29,18 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--stock", type=int, default=500, help="units on hand for each new product (default 500)")
+        parser.add_argument("--force", action="store_true", help="seed even under production settings")
+
+    def handle(self, *args, stock: int, force: bool, **options):
+        if not settings.DEMO_SEED_ALLOWED and not force:
+            raise CommandError(
+                "refusing to create demo users with published passwords under production settings; "
+                "create real users with `createsuperuser`, or pass --force for a throwaway deployment"
+            )
+        self.seed(stock=stock)
 
     @transaction.atomic
-    def handle(self, *args, stock: int, **options):
+    def seed(self, *, stock: int) -> None:
         for sku, name, price in CATALOGUE:
             product_create(sku=sku, name=name, price=Decimal(price), on_hand=stock)
         users = [

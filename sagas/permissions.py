@@ -1,0 +1,31 @@
+"""Who may operate the engine: one list of permissions, checked alike by the staff API and the admin.
+
+Reading needs the model's Django "view" permission; each operator action needs its own permission
+(sagas.models Meta.permissions) on top of it, as in the admin, where the action sits on the list
+that needs "view". Being staff only lets a user in; superusers hold every permission.
+"""
+
+from __future__ import annotations
+
+from rest_framework.permissions import BasePermission
+
+VIEW_SAGA = "sagas.view_sagainstance"
+RETRY_SAGA = "sagas.retry_saga"
+ABORT_SAGA = "sagas.abort_saga"
+VIEW_OUTBOX_EVENT = "sagas.view_outboxevent"
+REPLAY_OUTBOX_EVENT = "sagas.replay_outboxevent"
+
+
+def staff_with(*permissions: str) -> type[BasePermission]:
+    """A DRF permission class: an active staff user holding every one of `permissions`; the 403's
+    detail names what is needed."""
+
+    class StaffWith(BasePermission):
+        message = f"Staff only, with the permission(s) {', '.join(permissions)}."
+
+        def has_permission(self, request, view) -> bool:
+            user = request.user
+            return bool(user and user.is_active and user.is_staff and user.has_perms(permissions))
+
+    StaffWith.__name__ = StaffWith.__qualname__ = f"StaffWith({', '.join(permissions)})"
+    return StaffWith
