@@ -28,6 +28,9 @@ from sagas.api import SagaOutputSerializer, filter_by_choice
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
+# Printable ASCII, no space at either end: what survives every proxy unchanged, and what the
+# schema promises (a NUL or other control character would otherwise reach the database).
+KEY_PATTERN = r"^[!-~]([ -~]*[!-~])?$"
 MAX_QUANTITY = 1000
 MAX_ITEMS = 100
 
@@ -101,13 +104,29 @@ def _orders_of(user):
     return Order.objects.filter(owner=user).select_related("saga").prefetch_related("items", "saga__steps")
 
 
+class IdempotencyHeaderInputSerializer(serializers.Serializer):
+    """The request's Idempotency-Key header; errors are keyed by the header's name."""
+
+    def get_fields(self):
+        key = serializers.RegexField(
+            KEY_PATTERN,
+            max_length=MAX_KEY_LENGTH,
+            trim_whitespace=False,
+            error_messages={
+                "required": f"the {IDEMPOTENCY_HEADER} header is required",
+                "blank": f"the {IDEMPOTENCY_HEADER} header must not be blank",
+                "invalid": "printable ASCII characters only, not starting or ending with a space",
+                "max_length": f"at most {MAX_KEY_LENGTH} characters",
+            },
+        )
+        return {IDEMPOTENCY_HEADER: key}
+
+
 def _idempotency_key(request) -> str:
-    key = request.headers.get(IDEMPOTENCY_HEADER, "").strip()
-    if not key:
-        raise ValidationError({IDEMPOTENCY_HEADER: [f"the {IDEMPOTENCY_HEADER} header is required"]})
-    if len(key) > MAX_KEY_LENGTH:
-        raise ValidationError({IDEMPOTENCY_HEADER: [f"at most {MAX_KEY_LENGTH} characters"]})
-    return key
+    sent = {IDEMPOTENCY_HEADER: request.headers[IDEMPOTENCY_HEADER]} if IDEMPOTENCY_HEADER in request.headers else {}
+    header = IdempotencyHeaderInputSerializer(data=sent)
+    header.is_valid(raise_exception=True)
+    return header.validated_data[IDEMPOTENCY_HEADER]
 
 
 class OrderListCreateApi(ListAPIView):
