@@ -24,7 +24,10 @@ from orders.services import (
     order_place,
 )
 from payments.gateway import PAYMENT_METHODS
-from sagas.api import SagaOutputSerializer, filter_by_choice
+from orders.sagas import customer_reason, customer_step_text
+from sagas.api import filter_by_choice
+from sagas.models import Direction, SagaState, StepState
+from sagas.selectors import saga_timeline
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
@@ -78,7 +81,47 @@ class OrderEventOutputSerializer(serializers.Serializer):
     event_type = serializers.CharField()
     payload = serializers.JSONField()
     created_at = serializers.DateTimeField()
-    published_at = serializers.DateTimeField()
+    published_at = serializers.DateTimeField(allow_null=True, help_text="null until the relay published it")
+
+
+class OrderStepOutputSerializer(serializers.Serializer):
+    """One step of the order's saga as the customer sees it: the error is the business reason
+    or a neutral sentence, never the staff log's exception text (see orders.sagas)."""
+
+    name = serializers.CharField()
+    direction = serializers.ChoiceField(choices=Direction.choices)
+    state = serializers.ChoiceField(choices=StepState.choices)
+    attempts = serializers.IntegerField()
+    deliveries = serializers.IntegerField()
+    started_at = serializers.DateTimeField(allow_null=True, help_text="null until the step first ran")
+    finished_at = serializers.DateTimeField(allow_null=True, help_text="null until the step completed or failed")
+    error = serializers.SerializerMethodField()
+
+    def get_error(self, execution) -> str:
+        return customer_step_text(execution)
+
+
+class OrderSagaOutputSerializer(serializers.Serializer):
+    """The order's saga for its customer: the staff saga API (/api/sagas/) has the internals."""
+
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    version = serializers.IntegerField()
+    state = serializers.ChoiceField(choices=SagaState.choices)
+    failure_reason = serializers.SerializerMethodField(help_text="why the saga was undone; empty while it was not")
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True, help_text="null while the saga runs")
+    redrives = serializers.IntegerField()
+    steps = serializers.SerializerMethodField()
+
+    def get_failure_reason(self, saga) -> str:
+        return customer_reason(saga) if saga.failure_reason else ""
+
+    @extend_schema_field(OrderStepOutputSerializer(many=True))
+    def get_steps(self, saga) -> list[dict]:
+        """The timeline: every step and compensation in the order they started."""
+        return OrderStepOutputSerializer(saga_timeline(saga), many=True).data
 
 
 class OrderOutputSerializer(serializers.Serializer):
@@ -92,7 +135,7 @@ class OrderOutputSerializer(serializers.Serializer):
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
     items = OrderItemOutputSerializer(many=True)
-    saga = SagaOutputSerializer(allow_null=True, help_text="the orchestrating saga; null in the choreographed flow")
+    saga = OrderSagaOutputSerializer(allow_null=True, help_text="the orchestrating saga; null in the choreographed flow")
     events = serializers.SerializerMethodField(help_text="the order's events, in the order they happened")
 
     @extend_schema_field(OrderEventOutputSerializer(many=True))

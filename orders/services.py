@@ -25,6 +25,8 @@ from sagas.services import saga_abort
 
 SUPPORTED_FLOWS = (Flow.ORCHESTRATED, Flow.CHOREOGRAPHED)
 
+CANCELLED_BY_CUSTOMER = "cancelled by the customer"
+
 # A request that claimed a key and then vanished (process killed) stops blocking the key after this.
 IN_FLIGHT_EXPIRY = timedelta(seconds=60)
 
@@ -240,7 +242,7 @@ def order_cancel(*, order: Order, now: datetime | None = None) -> Order:
         # right now, and nothing could undo a reservation made after the cancel.
         raise OrderNotCancellable(f"order {order.id} is choreographed; it cannot be cancelled while its services react to it")
     try:
-        saga = saga_abort(saga_id=order.saga_id, reason="cancelled by the customer", now=now)
+        saga = saga_abort(saga_id=order.saga_id, reason=CANCELLED_BY_CUSTOMER, now=now)
     except SagaStateConflict:
         raise OrderNotCancellable(f"order {order.id} was confirmed meanwhile and can no longer be cancelled") from None
     if saga.state == SagaState.FAILED:

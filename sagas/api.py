@@ -33,8 +33,8 @@ class StepExecutionOutputSerializer(serializers.Serializer):
     state = serializers.CharField()
     attempts = serializers.IntegerField()
     deliveries = serializers.IntegerField()
-    started_at = serializers.DateTimeField()
-    finished_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
     error = serializers.CharField(source="last_error")
 
 
@@ -46,7 +46,7 @@ class SagaOutputSerializer(serializers.Serializer):
     failure_reason = serializers.CharField()
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
-    finished_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True)
     redrives = serializers.IntegerField()
     steps = serializers.SerializerMethodField()
 
@@ -117,10 +117,10 @@ class OutboxEventOutputSerializer(serializers.Serializer):
     event_type = serializers.CharField()
     payload = serializers.JSONField()
     created_at = serializers.DateTimeField()
-    published_at = serializers.DateTimeField()
+    published_at = serializers.DateTimeField(allow_null=True)
     attempts = serializers.IntegerField()
     last_error = serializers.CharField()
-    dead_lettered_at = serializers.DateTimeField()
+    dead_lettered_at = serializers.DateTimeField(allow_null=True)
 
 
 class DeadLetterListApi(ListAPIView):

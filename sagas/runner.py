@@ -352,6 +352,7 @@ def _record_failure(saga_id, step_name: str, direction: str, error: BaseExceptio
             saga.save(update_fields=["state", "updated_at", "stuck_after"])
             return StepResult(Outcome.RETRY, countdown=countdown, error=error)
         _mark(saga, execution, StepState.FAILED, now=now, error=detail)
+        execution.reason = _client_reason(error)
         execution.outcome_uncertain = not isinstance(error, BusinessError)
         execution.save()
         saga.save(update_fields=["state"])
@@ -416,6 +417,12 @@ def _describe(error: BaseException) -> str:
     frames = traceback.extract_tb(error.__traceback__)
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
     return f"{type(error).__name__}: {error}{where}"
+
+
+def _client_reason(error: BaseException) -> str:
+    """A business refusal's own message, which BusinessError promises is fit for the end user;
+    nothing for any other failure (its type, text and traceback are internals)."""
+    return str(error)[:2000] if isinstance(error, BusinessError) else ""
 
 
 def _die(saga_id, step_name: str, when: str) -> None:
