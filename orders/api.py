@@ -1,5 +1,6 @@
 """The orders API: place (with Idempotency-Key), list, inspect with the saga timeline, cancel."""
 
+from django.conf import settings
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
@@ -18,6 +19,7 @@ from orders.services import (
     OrderNotCancellable,
     OrderTooLarge,
     SUPPORTED_FLOWS,
+    TooManyPendingOrders,
     UnknownProducts,
     UnsupportedFlow,
     order_cancel,
@@ -198,6 +200,7 @@ class OrderListCreateApi(ListAPIView):
                 payment_method=data.validated_data["payment_method"],
                 flow=data.validated_data["flow"],
                 idempotency_key=key,
+                max_pending=settings.ORDER_MAX_PENDING_PER_CUSTOMER,
             )
         except UnknownProducts as exc:
             raise ValidationError({"items": [f"unknown sku: {sku}" for sku in exc.skus]}) from None
@@ -209,6 +212,8 @@ class OrderListCreateApi(ListAPIView):
             return Response({IDEMPOTENCY_HEADER: [str(exc)]}, status=status.HTTP_422_UNPROCESSABLE_ENTITY)
         except IdempotencyKeyInFlight as exc:
             return Response({IDEMPOTENCY_HEADER: [str(exc)]}, status=status.HTTP_409_CONFLICT)
+        except TooManyPendingOrders as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_429_TOO_MANY_REQUESTS)
         order = _orders_of(request.user).get(pk=result.order.pk)
         headers = {"Location": f"/api/orders/{order.id}/"}
         if result.replayed:

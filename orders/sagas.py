@@ -1,5 +1,9 @@
 """The place-order saga, orchestrated: each step is one service call, undone newest-first."""
 
+from datetime import timedelta
+
+from django.conf import settings
+
 from sagas import Retry, Saga, Step, StepContext
 from sagas.models import Direction, SagaInstance, SagaState, StepState
 from sagas.outbox import outbox_emit
@@ -119,6 +123,11 @@ def customer_step_text(execution) -> str:
     return STEP_FAILED_TEXT.get(execution.name, "this step could not be completed")
 
 
+# Stock is held from reserve_inventory until the payment settles: an order whose payment never
+# answers is undone at this deadline (the sweeper, or the step's next try, compensates it), and
+# that releases the stock. Sagas keep the deadline_at they started with.
+PAYMENT_DEADLINE = timedelta(seconds=settings.ORDER_PAYMENT_DEADLINE)
+
 place_order = Saga("place_order", version=1, steps=[
     Step("create_order", action=create_order, compensation=cancel_order),
     Step("reserve_inventory", action=reserve_inventory, compensation=release_inventory, on_failure=stock_unavailable),
@@ -126,4 +135,4 @@ place_order = Saga("place_order", version=1, steps=[
          compensate_uncertain=True,
          retry=Retry(max_attempts=5, backoff=0.5, max_delay=5.0, non_retryable=(PaymentFailed,))),
     Step("notify_fulfillment", action=notify_fulfillment),
-], on_finish=release_order)
+], on_finish=release_order, deadline=PAYMENT_DEADLINE)

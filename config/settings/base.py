@@ -154,6 +154,13 @@ LOGGING = {
 # The simulated provider's ledger (stands in for the provider's servers; kept outside our database).
 PAYMENTS_PROVIDER_PATH = env_str("PAYMENTS_PROVIDER_PATH", str(VAR_DIR / "payment-provider.sqlite3"))
 
+# --- Orders -------------------------------------------------------------------------------------
+# An orchestrated order still unsettled this many seconds after it was placed (a payment that
+# never answers) is undone by the saga deadline, which releases its reserved stock.
+ORDER_PAYMENT_DEADLINE = env_float("ORDER_PAYMENT_DEADLINE", 900.0)
+# Orders one customer may have pending at once through the API; one more is answered 429.
+ORDER_MAX_PENDING_PER_CUSTOMER = env_int("ORDER_MAX_PENDING_PER_CUSTOMER", 20)
+
 # --- REST API -----------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     # Token first: its WWW-Authenticate header makes an unauthenticated request a 401, not a 403.
