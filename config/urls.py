@@ -3,7 +3,7 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 
 from config.api import HealthApi, TokenApi
-from config.schema import SchemaView, SwaggerDocsView
+from config.schema_views import SchemaView, SwaggerDocsView
 from inventory.api import ProductListApi
 from orders.api import OrderCancelApi, OrderDetailApi, OrderListCreateApi
 from sagas.api import DeadLetterListApi, OutboxReplayApi, SagaAbortApi, SagaDetailApi, SagaListApi, SagaRetryApi

@@ -2,13 +2,14 @@
 
 from django.conf import settings
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_field, extend_schema_serializer
 from rest_framework import serializers, status
 from rest_framework.exceptions import ValidationError
 from rest_framework.generics import ListAPIView
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from config.schema import error, validation_error
 from orders.models import Flow, Order, OrderStatus
 from orders.selectors import order_events
 from orders.services import (
@@ -52,14 +53,24 @@ class StrictIntegerField(serializers.IntegerField):
 
 
 class LineInputSerializer(serializers.Serializer):
-    sku = serializers.CharField(max_length=64)
+    sku = serializers.CharField(min_length=1, max_length=64)
     quantity = StrictIntegerField(min_value=1, max_value=MAX_QUANTITY)
 
 
+@extend_schema_serializer(
+    examples=[
+        OpenApiExample(
+            "Two keyboards and a mouse",
+            value={"items": [{"sku": "KBD-001", "quantity": 2}, {"sku": "MSE-002", "quantity": 1}], "payment_method": "pm_ok"},
+            request_only=True,
+        )
+    ]
+)
 class OrderPlaceInputSerializer(serializers.Serializer):
     """Only these fields are read; anything else a client sends (total, status, owner) is ignored."""
 
-    items = LineInputSerializer(many=True, allow_empty=False, max_length=MAX_ITEMS)
+    # A ListField, not many=True: its bounds reach the schema as minItems/maxItems.
+    items = serializers.ListField(child=LineInputSerializer(), min_length=1, max_length=MAX_ITEMS)
     payment_method = serializers.ChoiceField(choices=PAYMENT_METHODS)
     flow = serializers.ChoiceField(choices=SUPPORTED_FLOWS, default=Flow.ORCHESTRATED)
 
@@ -177,7 +188,11 @@ def _idempotency_key(request) -> str:
 class OrderListCreateApi(ListAPIView):
     serializer_class = OrderOutputSerializer
 
-    @extend_schema(parameters=[OpenApiParameter("status", enum=OrderStatus.values)])
+    def get_serializer_class(self):
+        # OPTIONS describes POST with this: what a client sends, not the order it gets back.
+        return OrderPlaceInputSerializer if self.request.method == "POST" else OrderOutputSerializer
+
+    @extend_schema(parameters=[OpenApiParameter("status", enum=OrderStatus.values, description="only orders in this status")])
     def get(self, request, *args, **kwargs):
         return super().get(request, *args, **kwargs)
 
@@ -186,8 +201,21 @@ class OrderListCreateApi(ListAPIView):
 
     @extend_schema(
         request=OrderPlaceInputSerializer,
-        responses={201: OrderOutputSerializer},
-        parameters=[OpenApiParameter(IDEMPOTENCY_HEADER, location=OpenApiParameter.HEADER, required=True)],
+        responses={
+            201: OrderOutputSerializer,
+            409: validation_error(f"A request with this {IDEMPOTENCY_HEADER} is still in progress."),
+            422: validation_error(f"This {IDEMPOTENCY_HEADER} was used before with a different request."),
+            429: error("Too many requests, or the caller has as many orders in progress as one customer may have."),
+        },
+        parameters=[
+            OpenApiParameter(
+                IDEMPOTENCY_HEADER,
+                location=OpenApiParameter.HEADER,
+                required=True,
+                type={"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH, "pattern": KEY_PATTERN},
+                description="Your key for this order: the same key and body again returns the first order.",
+            )
+        ],
     )
     def post(self, request):
         key = _idempotency_key(request)
@@ -231,7 +259,10 @@ class OrderDetailApi(APIView):
 class OrderCancelApi(APIView):
     """202 while the order's saga compensates; 200 when already cancelled; 409 when too late."""
 
-    @extend_schema(request=None, responses={200: OrderOutputSerializer, 202: OrderOutputSerializer})
+    @extend_schema(
+        request=None,
+        responses={200: OrderOutputSerializer, 202: OrderOutputSerializer, 409: error("The order can no longer be cancelled.")},
+    )
     def post(self, request, order_id):
         order = get_object_or_404(_orders_of(request.user), pk=order_id)
         if order.status == OrderStatus.CANCELLED:

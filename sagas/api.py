@@ -8,6 +8,7 @@ from rest_framework.permissions import IsAdminUser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from config.schema import error
 from sagas.exceptions import SagaStateConflict
 from sagas.models import OutboxEvent, SagaInstance, SagaState
 from sagas.relay import outbox_replay
@@ -17,8 +18,11 @@ from sagas.services import saga_abort, saga_retry_compensation
 
 def filter_by_choice(queryset, params, field: str, choices):
     """`queryset` narrowed to `?<field>=<one of choices>`; a value not among them is a 400 naming the field."""
+    # A plain dict, not the QueryDict: DRF reads "?status=" from a QueryDict as a form field left
+    # empty (no filter, 200); it is a value outside the choices.
+    given = {field: params[field]} if field in params else {}
     filters = type(f"{field.title()}Filter", (serializers.Serializer,), {field: serializers.ChoiceField(choices=choices, required=False)})(
-        data=params
+        data=given
     )
     filters.is_valid(raise_exception=True)
     if field in filters.validated_data:
@@ -93,7 +97,7 @@ class SagaRetryApi(APIView):
 
     permission_classes = [IsAdminUser]
 
-    @extend_schema(request=None, responses={202: SagaOutputSerializer})
+    @extend_schema(request=None, responses={202: SagaOutputSerializer, 409: error("The saga is not FAILED.")})
     def post(self, request, saga_id):
         return _operate(saga_id, lambda: saga_retry_compensation(saga_id=saga_id))
 
@@ -103,7 +107,7 @@ class SagaAbortApi(APIView):
 
     permission_classes = [IsAdminUser]
 
-    @extend_schema(request=None, responses={202: SagaOutputSerializer})
+    @extend_schema(request=None, responses={202: SagaOutputSerializer, 409: error("The saga COMPLETED.")})
     def post(self, request, saga_id):
         reason = f"aborted by {request.user.get_username()}"
         return _operate(saga_id, lambda: saga_abort(saga_id=saga_id, reason=reason))
@@ -138,7 +142,7 @@ class OutboxReplayApi(APIView):
 
     permission_classes = [IsAdminUser]
 
-    @extend_schema(request=None, responses={202: OutboxEventOutputSerializer})
+    @extend_schema(request=None, responses={202: OutboxEventOutputSerializer, 409: error("The event is not dead-lettered.")})
     def post(self, request, event_id):
         event = get_object_or_404(OutboxEvent, id=event_id)
         if not outbox_replay(event_ids=[event.pk]):
