@@ -9,7 +9,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from config.schema import error
-from sagas.exceptions import SagaStateConflict
+from sagas.exceptions import SagaStateConflict, UnknownSagaDefinition
 from sagas.models import OutboxEvent, SagaInstance, SagaState
 from sagas.relay import outbox_replay
 from sagas.selectors import saga_timeline
@@ -83,11 +83,12 @@ class SagaDetailApi(APIView):
 
 
 def _operate(saga_id, operation) -> Response:
-    """Run an operator action on a saga: 202 with the saga, 404 if unknown, 409 if its state forbids it."""
+    """Run an operator action on a saga: 202 with the saga, 404 if unknown, 409 if its state forbids
+    it or this process does not know its definition (e.g. a version retired by a deploy)."""
     get_object_or_404(SagaInstance, pk=saga_id)
     try:
         saga = operation()
-    except SagaStateConflict as exc:
+    except (SagaStateConflict, UnknownSagaDefinition) as exc:
         return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
     return Response(SagaOutputSerializer(saga).data, status=status.HTTP_202_ACCEPTED)
 
@@ -97,7 +98,7 @@ class SagaRetryApi(APIView):
 
     permission_classes = [IsAdminUser]
 
-    @extend_schema(request=None, responses={202: SagaOutputSerializer, 409: error("The saga is not FAILED.")})
+    @extend_schema(request=None, responses={202: SagaOutputSerializer, 409: error("The saga is not FAILED, or its definition is unknown here.")})
     def post(self, request, saga_id):
         return _operate(saga_id, lambda: saga_retry_compensation(saga_id=saga_id))
 
@@ -107,7 +108,7 @@ class SagaAbortApi(APIView):
 
     permission_classes = [IsAdminUser]
 
-    @extend_schema(request=None, responses={202: SagaOutputSerializer, 409: error("The saga COMPLETED.")})
+    @extend_schema(request=None, responses={202: SagaOutputSerializer, 409: error("The saga COMPLETED, or its definition is unknown here.")})
     def post(self, request, saga_id):
         reason = f"aborted by {request.user.get_username()}"
         return _operate(saga_id, lambda: saga_abort(saga_id=saga_id, reason=reason))

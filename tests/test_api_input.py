@@ -8,12 +8,13 @@ import uuid
 
 import pytest
 from django.conf import settings
+from django.utils import timezone
 from rest_framework.test import APIClient
 from rest_framework.throttling import SimpleRateThrottle
 
 from config.urls import api as api_routes
 from orders.models import IdempotencyRecord, Order
-from sagas.models import OutboxEvent
+from sagas.models import OutboxEvent, SagaInstance, SagaState
 from tests.orders_helpers import a_product, a_user, an_order
 from tests.test_orders_api import ORDERS, an_order_body, api_as, place
 
@@ -248,3 +249,16 @@ def test_a_page_past_the_last_is_not_found(customer):
 
     assert response.status_code == 404
     assert "detail" in response.json()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("action, state", [("abort", SagaState.RUNNING), ("retry", SagaState.FAILED)])
+def test_an_operator_action_on_a_saga_whose_definition_is_unknown_gets_a_409_not_a_500(action, state):
+    now = timezone.now()
+    saga = SagaInstance.objects.create(name="retired_process", version=1, state=state, created_at=now, updated_at=now)
+
+    response = api_as(a_user("ops", staff=True)).post(f"/api/sagas/{saga.id}/{action}/")
+
+    assert response.status_code == 409
+    assert "no saga definition retired_process v1" in response.json()["detail"]
+    assert SagaInstance.objects.get(pk=saga.pk).state == state
