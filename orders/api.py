@@ -11,6 +11,7 @@ from rest_framework.views import APIView
 
 from config.schema import error, validation_error
 from orders.models import Flow, Order, OrderStatus
+from orders.sagas import customer_reason, customer_step_text
 from orders.selectors import order_events
 from orders.services import (
     IdempotencyKeyInFlight,
@@ -27,7 +28,6 @@ from orders.services import (
     order_place,
 )
 from payments.gateway import PAYMENT_METHODS
-from orders.sagas import customer_reason, customer_step_text
 from sagas.api import filter_by_choice
 from sagas.models import Direction, SagaState, StepState
 from sagas.selectors import saga_timeline
