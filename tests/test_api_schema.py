@@ -97,7 +97,7 @@ def test_options_on_the_order_list_advertises_the_fields_a_client_sends_not_the_
 # Every check Schemathesis has, a bounded number of examples per operation. What each operation
 # may answer to valid input beyond the defaults (2xx, 401, 403, 404, 409, 429) is listed with why.
 SCHEMATHESIS = {
-    "generation": {"max-examples": 100},
+    "generation": {"max-examples": 100, "database": "none"},  # no .hypothesis/ left in the tree
     "checks": {"enabled": True},
     "operations": [
         {
