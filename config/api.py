@@ -2,6 +2,8 @@
 
 import logging
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.db import DatabaseError, connection
 from drf_spectacular.utils import extend_schema, inline_serializer
 from kombu.exceptions import OperationalError as BrokerError
@@ -11,11 +13,13 @@ from rest_framework.exceptions import ValidationError
 from django.http import JsonResponse
 from django.views.defaults import page_not_found
 from rest_framework.authtoken.views import ObtainAuthToken
+from rest_framework.parsers import FormParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from config.parsers import StrictJSONParser
 from config.security import AnonRateThrottle, LoginLockedOut, is_locked_out
 
 log = logging.getLogger("chainsaga.api")
@@ -25,9 +29,23 @@ def exception_handler(exc, context):
     """DRF's handler; anything it does not know becomes a logged JSON 500, never an HTML page."""
     response = drf_exception_handler(exc, context)
     if response is None:
+        response = _client_error(exc)
+    if response is None:
         log.exception("unhandled error in %s", context.get("view").__class__.__name__, exc_info=exc)
         return Response({"detail": "internal error; it has been logged"}, status=status.HTTP_500_INTERNAL_SERVER_ERROR)
     return response
+
+
+def _client_error(exc) -> Response | None:
+    """What Django raises for a request it refuses to read (body over DATA_UPLOAD_MAX_MEMORY_SIZE,
+    too many fields, ...): the client's fault, so a 4xx, never a 500."""
+    if isinstance(exc, RequestDataTooBig):
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        detail = f"the request body is larger than the {limit} bytes this API accepts"
+        return Response({"detail": detail}, status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
+    if isinstance(exc, SuspiciousOperation):
+        return Response({"detail": f"the request was refused: {exc}"}, status=status.HTTP_400_BAD_REQUEST)
+    return None
 
 
 class HealthApi(APIView):
@@ -96,6 +114,9 @@ class TokenApi(ObtainAuthToken):
     authentication_classes = []
     permission_classes = [AllowAny]
     throttle_classes = [AnonRateThrottle]
+    # ObtainAuthToken brings DRF's own JSON parser (no depth or surrogate checks) and multipart
+    # (whose file parts bypass the body size limit): JSON the API's way, or a plain form.
+    parser_classes = [StrictJSONParser, FormParser]
 
     def post(self, request, *args, **kwargs):
         try:

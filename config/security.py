@@ -12,7 +12,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from axes.handlers.database import AxesDatabaseHandler
 from axes.helpers import get_cool_off, get_lockout_message
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
@@ -80,30 +79,3 @@ def lockout_response(request: HttpRequest, original_response=None, credentials=N
     response = HttpResponse(get_lockout_message(), status=429, content_type="text/plain; charset=utf-8")
     response["Retry-After"] = str(lockout_seconds())
     return response
-
-
-class LoginAttemptHandler(AxesDatabaseHandler):
-    """AXES_HANDLER: axes' database handler, given headers it can store. A client's User-Agent or
-    Accept may carry a NUL byte (runserver passes it on) and PostgreSQL text cannot hold one: the
-    failed login would answer 500 instead of 400."""
-
-    def user_login_failed(self, sender, credentials: dict, request=None, **kwargs):
-        _make_storable(request)
-        return super().user_login_failed(sender, credentials, request, **kwargs)
-
-    def user_logged_in(self, sender, request, user, **kwargs):
-        _make_storable(request)
-        return super().user_logged_in(sender, request, user, **kwargs)
-
-    def user_logged_out(self, sender, request, user, **kwargs):
-        _make_storable(request)
-        return super().user_logged_out(sender, request, user, **kwargs)
-
-
-def _make_storable(request) -> None:
-    # The attributes axes' proxy handler copied from the request's headers; written as axes
-    # writes a NUL in the POST data it stores.
-    for name in ("axes_user_agent", "axes_http_accept", "axes_path_info"):
-        value = getattr(request, name, None)
-        if isinstance(value, str) and "\x00" in value:
-            setattr(request, name, value.replace("\x00", "0x00"))

@@ -1,9 +1,9 @@
 from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from config.api import HealthApi, TokenApi
+from config.schema_views import SchemaView, SwaggerDocsView
 from inventory.api import ProductListApi
 from orders.api import OrderCancelApi, OrderDetailApi, OrderListCreateApi
 from sagas.api import DeadLetterListApi, OutboxReplayApi, SagaAbortApi, SagaDetailApi, SagaListApi, SagaRetryApi
@@ -21,8 +21,8 @@ api = [
     path("sagas/<uuid:saga_id>/abort/", SagaAbortApi.as_view(), name="api-saga-abort"),
     path("outbox/dead-letter/", DeadLetterListApi.as_view(), name="api-outbox-dead-letter"),
     path("outbox/<uuid:event_id>/replay/", OutboxReplayApi.as_view(), name="api-outbox-replay"),
-    path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
-    path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("schema/", SchemaView.as_view(), name="api-schema"),
+    path("docs/", SwaggerDocsView.as_view(url_name="api-schema"), name="api-docs"),
 ]
 
 urlpatterns = [

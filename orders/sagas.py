@@ -1,13 +1,17 @@
 """The place-order saga, orchestrated: each step is one service call, undone newest-first."""
 
+from datetime import timedelta
+
+from django.conf import settings
+
 from sagas import Retry, Saga, Step, StepContext
-from sagas.models import SagaState
+from sagas.models import Direction, SagaInstance, SagaState, StepState
 from sagas.outbox import outbox_emit
 
 from inventory.services import OutOfStock, stock_release, stock_reserve
 from orders.models import Order
 from orders.selectors import order_quantities
-from orders.services import order_accept, order_confirm, order_mark_cancelled
+from orders.services import CANCELLED_BY_CUSTOMER, order_accept, order_confirm, order_mark_cancelled
 from payments.gateway import PaymentFailed
 from payments.services import payment_charge, payment_refund
 
@@ -18,7 +22,8 @@ def create_order(ctx: StepContext) -> dict:
 
 
 def cancel_order(ctx: StepContext) -> None:
-    order_mark_cancelled(order_id=ctx.input["order_id"], reason=_why(ctx), now=ctx.now)
+    saga = SagaInstance.objects.prefetch_related("steps").get(pk=ctx.saga_id)
+    order_mark_cancelled(order_id=ctx.input["order_id"], reason=customer_reason(saga), now=ctx.now)
 
 
 def reserve_inventory(ctx: StepContext) -> dict:
@@ -73,14 +78,55 @@ def release_order(saga) -> None:
     """However the saga was undone (a failed step, a cancel, an operator abort, even before
     create_order ran), a COMPENSATED saga leaves its order cancelled, never pending."""
     if saga.state == SagaState.COMPENSATED:
-        order_mark_cancelled(order_id=saga.input["order_id"], reason=saga.failure_reason, now=saga.updated_at)
+        order_mark_cancelled(order_id=saga.input["order_id"], reason=customer_reason(saga), now=saga.updated_at)
 
 
-def _why(ctx: StepContext) -> str:
-    from sagas.models import SagaInstance
+# --- what the customer is told ---------------------------------------------------------------------
+# The saga log's last_error and failure_reason are for staff (exception type, message, file and
+# line). A customer reads a business refusal's own message (StepExecution.reason), the reason the
+# saga was stopped on request, or else one of these neutral sentences.
+STEP_FAILED_TEXT = {
+    "create_order": "the order could not be accepted",
+    "reserve_inventory": "the items could not be reserved",
+    "process_payment": "the payment could not be completed",
+    "notify_fulfillment": "the order could not be handed over for delivery",
+}
+UNDO_FAILED_TEXT = "undoing this step is delayed; our staff have been notified"
+PAYMENT_TOO_LATE_TEXT = "the payment was not confirmed in time"
+DEADLINE_EXCEEDED = "deadline exceeded"  # the engine's reason when the sweeper or a step finds the deadline passed
 
-    return SagaInstance.objects.values_list("failure_reason", flat=True).get(pk=ctx.saga_id)
 
+def customer_reason(saga) -> str:
+    """Why the order's saga was undone, in words fit for the customer. Reads a prefetched
+    `saga.steps` when there is one."""
+    forward = sorted((e for e in saga.steps.all() if e.direction == Direction.FORWARD), key=lambda e: e.position)
+    failed = next((e for e in forward if e.state == StepState.FAILED), None)
+    if failed is not None and failed.reason:
+        return failed.reason  # a business refusal: "card declined by the issuer"
+    if saga.failure_reason == DEADLINE_EXCEEDED:
+        return PAYMENT_TOO_LATE_TEXT
+    if saga.failure_reason == CANCELLED_BY_CUSTOMER or saga.failure_reason.startswith("aborted by "):
+        return saga.failure_reason  # stopped on request (the customer, or support through the staff API)
+    if failed is not None:
+        return STEP_FAILED_TEXT.get(failed.name, "the order could not be completed")
+    return "the order could not be completed"
+
+
+def customer_step_text(execution) -> str:
+    """What went wrong with one step of the timeline, for the customer; "" when nothing did."""
+    if execution.state != StepState.FAILED:
+        return ""
+    if execution.reason:
+        return execution.reason
+    if execution.direction == Direction.COMPENSATE:
+        return UNDO_FAILED_TEXT
+    return STEP_FAILED_TEXT.get(execution.name, "this step could not be completed")
+
+
+# Stock is held from reserve_inventory until the payment settles: an order whose payment never
+# answers is undone at this deadline (the sweeper, or the step's next try, compensates it), and
+# that releases the stock. Sagas keep the deadline_at they started with.
+PAYMENT_DEADLINE = timedelta(seconds=settings.ORDER_PAYMENT_DEADLINE)
 
 place_order = Saga("place_order", version=1, steps=[
     Step("create_order", action=create_order, compensation=cancel_order),
@@ -89,4 +135,4 @@ place_order = Saga("place_order", version=1, steps=[
          compensate_uncertain=True,
          retry=Retry(max_attempts=5, backoff=0.5, max_delay=5.0, non_retryable=(PaymentFailed,))),
     Step("notify_fulfillment", action=notify_fulfillment),
-], on_finish=release_order)
+], on_finish=release_order, deadline=PAYMENT_DEADLINE)

@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from inventory.models import Product
 from inventory.services import stock_commit
+from orders.locks import lock_customer
 from orders.models import Flow, IdempotencyRecord, IdempotencyRecordState, Order, OrderItem, OrderStatus
 from sagas import BusinessError
 from sagas.exceptions import SagaStateConflict
@@ -24,6 +25,8 @@ from sagas.outbox import outbox_emit
 from sagas.services import saga_abort
 
 SUPPORTED_FLOWS = (Flow.ORCHESTRATED, Flow.CHOREOGRAPHED)
+
+CANCELLED_BY_CUSTOMER = "cancelled by the customer"
 
 # A request that claimed a key and then vanished (process killed) stops blocking the key after this.
 IN_FLIGHT_EXPIRY = timedelta(seconds=60)
@@ -63,6 +66,10 @@ class OrderNotCancellable(OrderError):
     pass
 
 
+class TooManyPendingOrders(OrderError):
+    """The customer already has as many pending orders as one may have at once."""
+
+
 class OrderNotPending(BusinessError):
     """A saga step found its order no longer pending."""
 
@@ -86,12 +93,15 @@ def order_place(
     payment_method: str,
     flow: str = Flow.ORCHESTRATED,
     idempotency_key: str,
+    max_pending: int | None = None,
     now: datetime | None = None,
 ) -> PlaceResult:
     """Create a pending order priced from the catalogue and start its saga, once per
     (owner, idempotency_key). The same key with the same request returns the first order
-    (replayed=True). Raises IdempotencyKeyReused, IdempotencyKeyInFlight, UnknownProducts,
-    MixedCurrencies, OrderTooLarge, UnsupportedFlow."""
+    (replayed=True). With `max_pending`, an owner who has that many pending orders already is
+    refused (a customer whose payments hang cannot hold the whole stock). Raises
+    IdempotencyKeyReused, IdempotencyKeyInFlight, UnknownProducts, MixedCurrencies, OrderTooLarge,
+    UnsupportedFlow, TooManyPendingOrders."""
     now = now or timezone.now()
     if flow not in SUPPORTED_FLOWS:
         raise UnsupportedFlow(f"flow {flow!r} is not available yet; use one of {', '.join(SUPPORTED_FLOWS)}")
@@ -100,7 +110,9 @@ def order_place(
     if replay is not None:
         return PlaceResult(replay, replayed=True)
     try:
-        order = _order_create(owner=owner, lines=lines, payment_method=payment_method, flow=flow, record=record, now=now)
+        order = _order_create(
+            owner=owner, lines=lines, payment_method=payment_method, flow=flow, record=record, max_pending=max_pending, now=now
+        )
     except BaseException:
         IdempotencyRecord.objects.filter(pk=record.pk, state=IdempotencyRecordState.IN_FLIGHT).delete()
         raise
@@ -128,8 +140,19 @@ def _claim_key(*, owner, key: str, fingerprint: str, now: datetime) -> tuple[Ide
 
 
 @transaction.atomic
-def _order_create(*, owner, lines: Sequence[LineRequest], payment_method: str, flow: str, record: IdempotencyRecord, now: datetime) -> Order:
+def _order_create(
+    *, owner, lines: Sequence[LineRequest], payment_method: str, flow: str, record: IdempotencyRecord, max_pending: int | None, now: datetime
+) -> Order:
     from orders.sagas import place_order  # the definition imports this module's step functions
+
+    if max_pending is not None:
+        lock_customer(owner)  # two concurrent placements must not both pass the count
+        pending = Order.objects.filter(owner=owner, status=OrderStatus.PENDING).count()
+        if pending >= max_pending:
+            raise TooManyPendingOrders(
+                f"you have {pending} orders in progress, the most one customer may have at once ({max_pending}); "
+                "place this order once one of them is confirmed or cancelled"
+            )
 
     products = {p.sku: p for p in Product.objects.filter(sku__in=[line.sku for line in lines])}
     unknown = [line.sku for line in lines if line.sku not in products]
@@ -240,7 +263,7 @@ def order_cancel(*, order: Order, now: datetime | None = None) -> Order:
         # right now, and nothing could undo a reservation made after the cancel.
         raise OrderNotCancellable(f"order {order.id} is choreographed; it cannot be cancelled while its services react to it")
     try:
-        saga_abort(saga_id=order.saga_id, reason="cancelled by the customer", now=now)
+        saga_abort(saga_id=order.saga_id, reason=CANCELLED_BY_CUSTOMER, now=now)
     except SagaStateConflict:
         raise OrderNotCancellable(_why_not_cancellable(order)) from None
     order.refresh_from_db()

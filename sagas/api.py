@@ -8,7 +8,8 @@ from rest_framework.generics import ListAPIView
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from sagas.exceptions import SagaStateConflict
+from config.schema import error
+from sagas.exceptions import SagaStateConflict, UnknownSagaDefinition
 from sagas.models import OutboxEvent, SagaInstance, SagaState
 from sagas.permissions import ABORT_SAGA, REPLAY_OUTBOX_EVENT, RETRY_SAGA, VIEW_OUTBOX_EVENT, VIEW_SAGA, staff_with
 from sagas.relay import outbox_replay
@@ -18,8 +19,11 @@ from sagas.services import saga_abort, saga_retry_compensation
 
 def filter_by_choice(queryset, params, field: str, choices):
     """`queryset` narrowed to `?<field>=<one of choices>`; a value not among them is a 400 naming the field."""
+    # A plain dict, not the QueryDict: DRF reads "?status=" from a QueryDict as a form field left
+    # empty (no filter, 200); it is a value outside the choices.
+    given = {field: params[field]} if field in params else {}
     filters = type(f"{field.title()}Filter", (serializers.Serializer,), {field: serializers.ChoiceField(choices=choices, required=False)})(
-        data=params
+        data=given
     )
     filters.is_valid(raise_exception=True)
     if field in filters.validated_data:
@@ -34,8 +38,8 @@ class StepExecutionOutputSerializer(serializers.Serializer):
     state = serializers.CharField()
     attempts = serializers.IntegerField()
     deliveries = serializers.IntegerField()
-    started_at = serializers.DateTimeField()
-    finished_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
     error = serializers.CharField(source="last_error")
 
 
@@ -47,7 +51,7 @@ class SagaOutputSerializer(serializers.Serializer):
     failure_reason = serializers.CharField()
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
-    finished_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True)
     redrives = serializers.IntegerField()
     steps = serializers.SerializerMethodField()
 
@@ -80,11 +84,12 @@ class SagaDetailApi(APIView):
 
 
 def _operate(saga_id, operation) -> Response:
-    """Run an operator action on a saga: 202 with the saga, 404 if unknown, 409 if its state forbids it."""
+    """Run an operator action on a saga: 202 with the saga, 404 if unknown, 409 if its state forbids
+    it or this process does not know its definition (e.g. a version retired by a deploy)."""
     get_object_or_404(SagaInstance, pk=saga_id)
     try:
         saga = operation()
-    except SagaStateConflict as exc:
+    except (SagaStateConflict, UnknownSagaDefinition) as exc:
         return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
     return Response(SagaOutputSerializer(saga).data, status=status.HTTP_202_ACCEPTED)
 
@@ -94,7 +99,7 @@ class SagaRetryApi(APIView):
 
     permission_classes = [staff_with(VIEW_SAGA, RETRY_SAGA)]
 
-    @extend_schema(request=None, responses={202: SagaOutputSerializer})
+    @extend_schema(request=None, responses={202: SagaOutputSerializer, 409: error("The saga is not FAILED, or its definition is unknown here.")})
     def post(self, request, saga_id):
         return _operate(saga_id, lambda: saga_retry_compensation(saga_id=saga_id))
 
@@ -104,7 +109,7 @@ class SagaAbortApi(APIView):
 
     permission_classes = [staff_with(VIEW_SAGA, ABORT_SAGA)]
 
-    @extend_schema(request=None, responses={202: SagaOutputSerializer})
+    @extend_schema(request=None, responses={202: SagaOutputSerializer, 409: error("The saga COMPLETED, or its definition is unknown here.")})
     def post(self, request, saga_id):
         reason = f"aborted by {request.user.get_username()}"
         return _operate(saga_id, lambda: saga_abort(saga_id=saga_id, reason=reason))
@@ -118,10 +123,10 @@ class OutboxEventOutputSerializer(serializers.Serializer):
     event_type = serializers.CharField()
     payload = serializers.JSONField()
     created_at = serializers.DateTimeField()
-    published_at = serializers.DateTimeField()
+    published_at = serializers.DateTimeField(allow_null=True)
     attempts = serializers.IntegerField()
     last_error = serializers.CharField()
-    dead_lettered_at = serializers.DateTimeField()
+    dead_lettered_at = serializers.DateTimeField(allow_null=True)
 
 
 class DeadLetterListApi(ListAPIView):
@@ -139,7 +144,7 @@ class OutboxReplayApi(APIView):
 
     permission_classes = [staff_with(VIEW_OUTBOX_EVENT, REPLAY_OUTBOX_EVENT)]
 
-    @extend_schema(request=None, responses={202: OutboxEventOutputSerializer})
+    @extend_schema(request=None, responses={202: OutboxEventOutputSerializer, 409: error("The event is not dead-lettered.")})
     def post(self, request, event_id):
         event = get_object_or_404(OutboxEvent, id=event_id)
         if not outbox_replay(event_ids=[event.pk]):

@@ -8,7 +8,9 @@ for requests that do not fit a saga's state.
 
 
 class BusinessError(Exception):
-    """A step cannot succeed for a business reason (declined, out of stock). Never retried."""
+    """A step cannot succeed for a business reason (declined, out of stock). Never retried.
+    Its message is shown to end users (StepExecution.reason): say what happened in their terms,
+    never internals such as ids of other systems, hosts or paths."""
 
 
 class TransientError(Exception):

@@ -89,7 +89,10 @@ class StepExecution(models.Model):
     deliveries = models.PositiveIntegerField(default=0)  # messages that started running
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
-    last_error = models.TextField(blank=True)
+    last_error = models.TextField(blank=True)  # for staff: exception type, message and where it was raised
+    # Why the step failed in words fit for the end user: a BusinessError's message; empty when the
+    # failure was not a business refusal (what to tell the user then is the application's choice).
+    reason = models.TextField(blank=True)
     # FAILED without a business refusal (retries exhausted, worker lost, abandoned): its effect
     # outside our database may have happened. See Step.compensate_uncertain.
     outcome_uncertain = models.BooleanField(default=False)

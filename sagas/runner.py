@@ -401,6 +401,7 @@ def _record_failure(saga_id, step_name: str, direction: str, error: BaseExceptio
             saga.save(update_fields=["state", "updated_at", "stuck_after"])
             return StepResult(Outcome.RETRY, countdown=countdown, error=error)
         _mark(saga, execution, StepState.FAILED, now=now, error=detail)
+        execution.reason = _client_reason(error)
         execution.outcome_uncertain = not isinstance(error, BusinessError)
         execution.save()
         saga.save(update_fields=["state"])
@@ -469,6 +470,12 @@ def _describe(error: BaseException) -> str:
 
 def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+
+
+def _client_reason(error: BaseException) -> str:
+    """A business refusal's own message, which BusinessError promises is fit for the end user;
+    nothing for any other failure (its type, text and traceback are internals)."""
+    return str(error)[:2000] if isinstance(error, BusinessError) else ""
 
 
 def _die(saga_id, step_name: str, when: str) -> None:

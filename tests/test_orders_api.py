@@ -4,6 +4,7 @@ the staff saga endpoints, health, throttling, CSRF and the OpenAPI schema.
 Most tests need no worker: the saga is sent on commit, which a non-transactional test never
 reaches. The tests that need the saga to run use `saga_worker` (a real celery worker)."""
 
+import re
 import secrets
 import threading
 import uuid
@@ -466,7 +467,7 @@ def test_an_order_shows_its_saga_timeline_with_every_step_and_compensation(saga_
     data = client.get(f"{ORDERS}{order_id}/").json()
 
     assert data["status"] == "cancelled"
-    assert "PaymentDeclined" in data["cancel_reason"]
+    assert data["cancel_reason"] == "card declined by the issuer"
     saga = data["saga"]
     assert saga["state"] == SagaState.COMPENSATED
     started = [(s["name"], s["direction"], s["state"]) for s in saga["steps"] if s["started_at"]]
@@ -479,10 +480,52 @@ def test_an_order_shows_its_saga_timeline_with_every_step_and_compensation(saga_
     ], timeline(saga["id"])
     payment = next(s for s in saga["steps"] if s["name"] == "process_payment")
     assert payment["attempts"] == 1
-    assert "PaymentDeclined" in payment["error"]
+    assert payment["error"] == "card declined by the issuer"
     assert payment["finished_at"] >= payment["started_at"]
     never_ran = [s for s in saga["steps"] if not s["started_at"]]
     assert [(s["name"], s["state"]) for s in never_ran] == [("notify_fulfillment", StepState.PENDING)]
+
+
+INTERNALS = re.compile(r"PaymentDeclined|GatewayTimeout|InjectedTransientError|Error:|\.py|line \d|/srv/|/work/")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_customer_reads_the_business_reason_while_staff_keep_the_exception_and_where_it_was_raised(saga_worker):
+    a_product()
+    customer, staff = api_as(a_user()), api_as(an_operator())
+    order_id = place(customer, an_order_body(payment_method="pm_declined")).json()["id"]
+    _, saga = finished(order_id)
+
+    as_customer = customer.get(f"{ORDERS}{order_id}/")
+    as_staff = staff.get(f"/api/sagas/{saga.id}/").json()
+
+    assert not INTERNALS.search(as_customer.content.decode()), as_customer.content
+    assert as_customer.json()["cancel_reason"] == "card declined by the issuer"
+    assert as_customer.json()["saga"]["failure_reason"] == "card declined by the issuer"
+    cancelled = next(e for e in as_customer.json()["events"] if e["event_type"] == "ORDER_CANCELLED")
+    assert cancelled["payload"]["reason"] == "card declined by the issuer"
+    staff_payment = next(s for s in as_staff["steps"] if s["name"] == "process_payment" and s["direction"] == "forward")
+    assert staff_payment["error"].startswith("PaymentDeclined: card declined by the issuer (at ")
+    assert "gateway.py:" in staff_payment["error"]
+    assert "PaymentDeclined" in as_staff["failure_reason"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failure_that_is_not_a_business_refusal_reads_as_a_neutral_sentence_to_the_customer(saga_worker):
+    a_product()
+    inject_fault("place_order", "process_payment", kind="transient", times=None)  # every try: retries run out
+    customer = api_as(a_user())
+    order_id = place(customer, an_order_body()).json()["id"]
+    order, saga = finished(order_id)
+    assert saga.state == SagaState.COMPENSATED, timeline(saga.id)
+
+    response = customer.get(f"{ORDERS}{order_id}/")
+
+    assert not INTERNALS.search(response.content.decode()), response.content
+    assert response.json()["cancel_reason"] == "the payment could not be completed"
+    payment = next(s for s in response.json()["saga"]["steps"] if s["name"] == "process_payment")
+    assert (payment["state"], payment["error"]) == (StepState.FAILED, "the payment could not be completed")
+    assert "InjectedTransientError" in saga.steps.get(name="process_payment", direction=Direction.FORWARD).last_error
 
 
 # --- cancelling -----------------------------------------------------------------------------------
