@@ -1,15 +1,16 @@
 """API plumbing shared by every app: the error format, health, and the URL map."""
 
+import hmac
+import json
 import logging
 
 from django.conf import settings
+from django.contrib.auth import get_user
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
-from django.db import DatabaseError, connection
-from drf_spectacular.utils import extend_schema, inline_serializer
-from kombu.exceptions import OperationalError as BrokerError
-from kombu.transport.virtual import Transport as VirtualTransport
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
-from rest_framework.exceptions import ValidationError
+from rest_framework.authentication import TokenAuthentication
+from rest_framework.exceptions import AuthenticationFailed, ValidationError
 from django.http import JsonResponse
 from django.views.defaults import page_not_found
 from rest_framework.authtoken.views import ObtainAuthToken
@@ -19,17 +20,25 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from config import health
+from config.outage import log_outage, outage_of, outage_response
 from config.parsers import StrictJSONParser
 from config.security import AnonRateThrottle, LoginLockedOut, is_locked_out
+from sagas.permissions import VIEW_SAGA
 
 log = logging.getLogger("chainsaga.api")
 
 
 def exception_handler(exc, context):
-    """DRF's handler; anything it does not know becomes a logged JSON 500, never an HTML page."""
+    """DRF's handler; a part of the system that is down answers a JSON 503 with Retry-After
+    (config.outage); anything else it does not know becomes a logged JSON 500, never an HTML page."""
     response = drf_exception_handler(exc, context)
     if response is None:
         response = _client_error(exc)
+    if response is None and (component := outage_of(exc)):
+        log_outage(component, context["request"], exc)
+        outage = outage_response(component)
+        return Response(json.loads(outage.content), status=outage.status_code, headers={"Retry-After": outage["Retry-After"]})
     if response is None:
         log.exception("unhandled error in %s", context.get("view").__class__.__name__, exc_info=exc)
         return Response({"detail": "internal error; it has been logged"}, status=status.HTTP_500_INTERNAL_SERVER_ERROR)
@@ -48,60 +57,61 @@ def _client_error(exc) -> Response | None:
     return None
 
 
+class HealthOutputSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["ok", "degraded", "down"])
+    reasons = serializers.ListField(child=serializers.CharField(), required=False, help_text="staff and HEALTH_TOKEN only")
+    checks = serializers.DictField(child=serializers.CharField(), required=False, help_text="staff and HEALTH_TOKEN only")
+    workers = serializers.ListField(child=serializers.DictField(), required=False, help_text="staff and HEALTH_TOKEN only")
+    queues_waiting = serializers.DictField(child=serializers.IntegerField(), required=False, allow_null=True)
+    sagas = serializers.DictField(required=False)
+    outbox = serializers.DictField(required=False, allow_null=True)
+    rejected_messages_24h = serializers.IntegerField(required=False, allow_null=True)
+
+
+class HealthRateThrottle(AnonRateThrottle):
+    scope = "health"
+
+    def get_rate(self) -> str:
+        return settings.HEALTH_THROTTLE_RATE
+
+
 class HealthApi(APIView):
-    """200 when the database and the broker answer; 503 naming the part that does not."""
+    """`ok` / `degraded` (200) or `down` (503 with Retry-After), and nothing more for the public;
+    staff and holders of HEALTH_TOKEN (`Authorization: Bearer ...`) also get the reasons and the
+    details: each part's check, the workers, waiting queues, sagas that need attention, the outbox
+    and rejected messages (config.health)."""
 
     permission_classes = [AllowAny]
-    authentication_classes = []
-    throttle_classes = []
+    authentication_classes = []  # who may see details is decided below, without failing anyone
+    throttle_classes = [HealthRateThrottle]
 
-    @extend_schema(
-        responses={
-            200: inline_serializer(
-                "Health",
-                {"database": serializers.CharField(), "broker": serializers.CharField(), "outbox": serializers.DictField()},
-            )
-        }
-    )
+    @extend_schema(responses={200: HealthOutputSerializer, 503: HealthOutputSerializer})
     def get(self, request):
-        checks = {"database": _check_database(), "broker": _check_broker()}
-        healthy = all(value == "ok" for value in checks.values())
-        body = {**checks, "outbox": _outbox() if checks["database"] == "ok" else None}
-        return Response(body, status=status.HTTP_200_OK if healthy else status.HTTP_503_SERVICE_UNAVAILABLE)
+        outcomes = health.run_checks(timeout=settings.HEALTH_CHECK_TIMEOUT)
+        state, reasons = health.assess(outcomes)
+        body = {"status": state}
+        if _may_see_details(request):
+            body.update(health.details(outcomes, reasons))
+        if state == "down":
+            return Response(body, status=status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": str(settings.OUTAGE_RETRY_AFTER)})
+        return Response(body)
 
 
-def _outbox() -> dict:
-    from django.utils import timezone
-
-    from sagas.selectors import outbox_stats
-
-    return outbox_stats(now=timezone.now())
-
-
-def _check_database() -> str:
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-        return "ok"
-    except DatabaseError as exc:
-        return f"error: {exc}"
-
-
-def _check_broker() -> str:
-    from config.celery import app
-
-    conn = app.connection_for_write()
-    try:
-        conn.ensure_connection(max_retries=1, timeout=2)
-        if isinstance(conn.transport, VirtualTransport):
-            # Virtual transports (Redis, the embedded SQLAlchemy broker) connect lazily: the
-            # SQLAlchemy one "connects" to a database it cannot open. Only a query proves it answers.
-            conn.default_channel.queue_declare(queue=app.conf.task_default_queue)
-        return "ok"
-    except (BrokerError, OSError, *conn.connection_errors, *conn.channel_errors) as exc:
-        return f"error: {type(exc).__name__}: {exc}"
-    finally:
-        conn.release()
+def _may_see_details(request) -> bool:
+    header = request.headers.get("Authorization", "")
+    token = settings.HEALTH_TOKEN
+    if token and header.startswith("Bearer ") and hmac.compare_digest(header[7:].strip().encode(), token.encode()):
+        return True
+    user = request.user  # anonymous here (no authentication classes) unless a test forced one
+    if not user.is_authenticated:
+        user = get_user(request._request)  # a staff session (the admin's)
+    if not user.is_authenticated:
+        try:
+            authenticated = TokenAuthentication().authenticate(request)
+        except AuthenticationFailed:
+            return False
+        user = authenticated[0] if authenticated else None
+    return bool(user and user.is_staff and user.has_perm(VIEW_SAGA))
 
 
 class TokenApi(ObtainAuthToken):

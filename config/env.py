@@ -119,7 +119,11 @@ def broker_transport_options(url: str, *, visibility_timeout: int) -> dict:
     # timeout: a message taken by a worker that dies is recovered by the saga sweeper.
     if is_sqlalchemy_broker(url):
         return {}
-    return {"visibility_timeout": visibility_timeout}
+    options = {"visibility_timeout": visibility_timeout}
+    if url.startswith(("redis", "rediss")):
+        # kombu applies these to synchronous commands (a publish), not to the worker's BRPOP.
+        options.update(socket_timeout=env_float("BROKER_SOCKET_TIMEOUT", 1.5), socket_connect_timeout=env_float("BROKER_CONNECT_TIMEOUT", 2.0))
+    return options
 
 
 def refuse_embedded(*, database_config: dict, broker: str) -> None:

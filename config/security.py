@@ -18,6 +18,8 @@ from django.http import HttpRequest, HttpResponse
 from rest_framework import throttling
 from rest_framework.exceptions import Throttled
 
+from config.throttle_cache import throttle_cache
+
 log = logging.getLogger("chainsaga.security")
 
 
@@ -48,11 +50,11 @@ class ClientAddressMixin:
 
 
 class AnonRateThrottle(ClientAddressMixin, throttling.AnonRateThrottle):
-    pass
+    cache = throttle_cache  # fails open to local counters while the cache is down
 
 
 class UserRateThrottle(ClientAddressMixin, throttling.UserRateThrottle):
-    pass
+    cache = throttle_cache
 
 
 def lockout_seconds() -> int:

@@ -100,6 +100,20 @@ class PrivatePostgres:
         """Fast shutdown (every session is cut, open transactions roll back), then start again."""
         self._pg_ctl("restart", "-m", "fast")
 
+    def shut_down(self) -> None:
+        """Fast shutdown; `start_again` brings the same cluster back."""
+        self._pg_ctl("stop", "-m", "fast")
+
+    def start_again(self) -> None:
+        self._pg_ctl("start")
+
+    def pids(self) -> list[int]:
+        """The postmaster and every process it forked (backends, checkpointer, ...): what a freeze
+        of the whole server stops."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = Path(f"/proc/{postmaster}/task").glob("*/children")
+        return [postmaster, *(int(pid) for path in children for pid in path.read_text().split())]
+
     def stop(self) -> None:
         if self.started:
             self._pg_ctl("stop", "-m", "immediate")

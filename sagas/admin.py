@@ -19,7 +19,18 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from sagas.exceptions import SagaStateConflict
-from sagas.models import ACTIVE_STATES, Fault, InboxMessage, OutboxEvent, SagaInstance, SagaState, StepExecution, StepState
+from sagas.models import (
+    ACTIVE_STATES,
+    Fault,
+    InboxMessage,
+    OutboxEvent,
+    RejectedMessage,
+    SagaInstance,
+    SagaState,
+    StepExecution,
+    StepState,
+    WorkerHeartbeat,
+)
 from sagas.permissions import ABORT_SAGA, REPLAY_OUTBOX_EVENT, RETRY_SAGA
 from sagas.relay import outbox_replay
 from sagas.selectors import outbox_stats, saga_timeline
@@ -236,6 +247,22 @@ class InboxMessageAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["consumer", "event_type", "event_id", "received_at"]
     list_filter = ["consumer", "event_type"]
     search_fields = ["event_id"]
+
+
+@admin.register(RejectedMessage)
+class RejectedMessageAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    """Messages workers refused (undecodable, unknown, arguments that do not fit): kept for a look."""
+
+    list_display = ["received_at", "queue", "task", "reason"]
+    list_filter = ["queue", "task"]
+    search_fields = ["reason", "body"]
+
+
+@admin.register(WorkerHeartbeat)
+class WorkerHeartbeatAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    """The celery workers that beat recently, what they hold and when they last took work."""
+
+    list_display = ["hostname", "queues", "beat_at", "active", "accepted", "progress_at", "started_at"]
 
 
 def _outbox_title() -> str:

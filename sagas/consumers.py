@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -102,6 +103,23 @@ def deliver(event: OutboxEvent) -> None:
     """Send the event to each subscribed consumer as a `sagas.consume_event` task."""
     for consumer in subscribers(event.event_type, event.payload):
         _send(consumer, event)
+
+
+def message_problem(*, consumer, message) -> str:
+    """What is wrong with a consume_event message, or "" when it names a registered consumer and
+    carries an event in the wire form."""
+    if not isinstance(consumer, str) or consumer not in _subscriptions:
+        return f"no consumer {str(consumer)[:100]!r} is registered in this process"
+    if not isinstance(message, Mapping):
+        return "the event must be a JSON object in the wire form (sagas.publishers.message)"
+    try:
+        event = ConsumedEvent.from_message(message)
+        uuid.UUID(event.id)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return f"the event is not in the wire form: {type(exc).__name__}: {exc}"
+    if event.created_at is None or not isinstance(event.payload, Mapping):
+        return "the event's created_at must be an ISO time and its payload a JSON object"
+    return ""
 
 
 def consume(

@@ -195,3 +195,43 @@ class ConsumerDelivery(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["consumer", "event_id"], name="consumer_delivery_once")]
+
+
+class RejectedMessage(models.Model):
+    """A message a worker could not take: undecodable, of an unknown shape or task, or with
+    arguments that do not fit its task. It was rejected without requeue (so it cannot stop or
+    loop the workers) and is kept here, cut to a few KB, for staff to look at."""
+
+    received_at = models.DateTimeField(db_index=True)
+    queue = models.CharField(max_length=200, blank=True)
+    task = models.CharField(max_length=200, blank=True)
+    reason = models.TextField()
+    body = models.TextField(blank=True, help_text="the message as received, cut to MAX_BODY characters")
+
+    MAX_BODY = 4096
+
+    class Meta:
+        ordering = ["-received_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.task or 'message'} on {self.queue or '?'}: {self.reason[:80]}"
+
+
+class WorkerHeartbeat(models.Model):
+    """Written every few seconds by each celery worker's main process (sagas.heartbeat): whether
+    workers are alive, and whether they still take work (tasks accepted), for the health check."""
+
+    hostname = models.CharField(max_length=200, unique=True)
+    pid = models.PositiveIntegerField()
+    queues = models.CharField(max_length=500, blank=True)
+    started_at = models.DateTimeField()
+    beat_at = models.DateTimeField(db_index=True)
+    accepted = models.PositiveBigIntegerField(default=0, help_text="tasks accepted since the worker started")
+    active = models.PositiveIntegerField(default=0, help_text="tasks in hand at the last beat")
+    progress_at = models.DateTimeField(help_text="when it last accepted a task or finished one (or started)")
+
+    class Meta:
+        ordering = ["hostname"]
+
+    def __str__(self) -> str:
+        return f"{self.hostname} (beat {self.beat_at:%H:%M:%S})"

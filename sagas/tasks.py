@@ -2,19 +2,61 @@
 outcome into what Celery should do with the message."""
 
 import logging
+import uuid
 from datetime import timedelta
 
-from celery import shared_task
-from celery.exceptions import Ignore
+from celery import Task, shared_task
+from celery.exceptions import Ignore, Reject
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 
 from sagas import consumers, outbox, relay, runner, services
+from sagas.definition import COMPENSATE, FORWARD
 from sagas.exceptions import BusinessError, SagaNotFound
 from sagas.publishers import configured_publisher
+from sagas.rejects import message_reject_record
 
 log = logging.getLogger("sagas")
+
+
+class EngineTask(Task):
+    """The base of the engine's tasks: a message whose arguments do not fit the task, or do not
+    name a saga step in the right form, is rejected without requeue and recorded (rule 12), not
+    run into a TypeError deep inside (or looped on)."""
+
+    def __call__(self, *args, **kwargs):
+        fits = getattr(self, "__header__", None)  # Celery's check of the call against the signature
+        if fits is not None:
+            try:
+                fits(*args, **kwargs)
+            except TypeError as exc:
+                raise self.refuse(f"arguments do not fit {self.name}: {exc}") from None
+        return super().__call__(*args, **kwargs)
+
+    def refuse(self, reason: str) -> Reject:
+        """Record this message as rejected; raise what this returns."""
+        request = self.request
+        message_reject_record(
+            reason=reason,
+            body={"id": request.id, "args": request.args, "kwargs": request.kwargs},
+            queue=str((request.delivery_info or {}).get("routing_key") or ""),
+            task=self.name,
+        )
+        return Reject(reason, requeue=False)
+
+
+def _step_arguments_problem(saga_id, step, direction) -> str:
+    """What is wrong with a step message's arguments, or "" when they are well formed."""
+    try:
+        uuid.UUID(str(saga_id))
+    except ValueError:
+        return f"saga_id {str(saga_id)[:80]!r} is not a UUID"
+    if not isinstance(step, str) or not 0 < len(step) <= 100:
+        return "step must be a step name (a string of 1 to 100 characters)"
+    if direction not in (FORWARD, COMPENSATE):
+        return f"direction must be {FORWARD!r} or {COMPENSATE!r}"
+    return ""
 
 # The database being unreachable is an infrastructure fault, not the step's: retry the message
 # with backoff (kept below the broker's visibility timeout) instead of failing the saga.
@@ -33,6 +75,7 @@ INFRASTRUCTURE_RETRY = {
 # the requeued message (runner.step_failure_handle). Either way the delivery counts against the
 # step's max_deliveries.
 @shared_task(
+    base=EngineTask,
     bind=True,
     name="sagas.run_step",
     acks_late=True,
@@ -42,6 +85,10 @@ INFRASTRUCTURE_RETRY = {
     **INFRASTRUCTURE_RETRY,
 )
 def run_step(self, *, saga_id: str, step: str, direction: str) -> None:
+    problem = _step_arguments_problem(saga_id, step, direction)
+    if problem:
+        raise self.refuse(problem)
+
     def republish() -> None:
         self.signature_from_request().apply_async()
 
@@ -58,17 +105,20 @@ def run_step(self, *, saga_id: str, step: str, direction: str) -> None:
         raise Ignore()  # no callbacks: the saga no longer runs this direction
 
 
-@shared_task(bind=True, name="sagas.step_failed", acks_late=True, reject_on_worker_lost=True, **INFRASTRUCTURE_RETRY)
+@shared_task(base=EngineTask, bind=True, name="sagas.step_failed", acks_late=True, reject_on_worker_lost=True, **INFRASTRUCTURE_RETRY)
 def step_failed(self, failed_task_id: str, *, saga_id: str, step: str, direction: str) -> None:
     """The link_error of every step. bind=True makes Celery send it through the broker with the
     failed task's id first, instead of calling it inline in the failing worker."""
+    problem = _step_arguments_problem(saga_id, step, direction)
+    if problem:
+        raise self.refuse(problem)
     try:
         runner.step_failure_handle(saga_id=saga_id, step_name=step, direction=direction, failed_task_id=failed_task_id)
     except SagaNotFound:
         log.warning("saga_missing saga=%s step=%s: dropping the errback", saga_id, step)
 
 
-@shared_task(name="sagas.sweep", acks_late=True, **INFRASTRUCTURE_RETRY)
+@shared_task(base=EngineTask, name="sagas.sweep", acks_late=True, **INFRASTRUCTURE_RETRY)
 def sweep() -> dict:
     counts = services.saga_sweep(now=timezone.now())
     if any(counts.values()):
@@ -76,7 +126,7 @@ def sweep() -> dict:
     return counts
 
 
-@shared_task(name="sagas.relay_outbox", acks_late=True, ignore_result=True)
+@shared_task(base=EngineTask, name="sagas.relay_outbox", acks_late=True, ignore_result=True)
 def relay_outbox() -> dict:
     """Run by beat every OUTBOX_RELAY_INTERVAL and kicked after each commit that emitted events."""
     outbox.kick_mark_clear()
@@ -89,15 +139,18 @@ def relay_outbox() -> dict:
     return {"published": result.published, "failed": result.failed, "dead_lettered": result.dead_lettered}
 
 
-@shared_task(name="sagas.outbox_cleanup", acks_late=True, ignore_result=True, **INFRASTRUCTURE_RETRY)
+@shared_task(base=EngineTask, name="sagas.outbox_cleanup", acks_late=True, ignore_result=True, **INFRASTRUCTURE_RETRY)
 def outbox_cleanup() -> int:
     return relay.outbox_cleanup()
 
 
-@shared_task(bind=True, name="sagas.consume_event", acks_late=True, reject_on_worker_lost=True, max_retries=8, **INFRASTRUCTURE_RETRY)
+@shared_task(base=EngineTask, bind=True, name="sagas.consume_event", acks_late=True, reject_on_worker_lost=True, max_retries=8, **INFRASTRUCTURE_RETRY)
 def consume_event(self, *, consumer: str, message: dict, redelivery: bool = False) -> None:
     """One event for one consumer, behind its inbox. A failing handler is retried with backoff; a
     business failure is not. What still fails is sent again by sagas.consumers_redeliver."""
+    problem = consumers.message_problem(consumer=consumer, message=message)
+    if problem:
+        raise self.refuse(problem)
     try:
         consumers.consume(consumer=consumer, message=message, max_deliveries=settings.CONSUMER_MAX_DELIVERIES)
     except (OperationalError, InterfaceError):
@@ -111,7 +164,7 @@ def consume_event(self, *, consumer: str, message: dict, redelivery: bool = Fals
         raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
 
 
-@shared_task(name="sagas.consumers_redeliver", acks_late=True, ignore_result=True, **INFRASTRUCTURE_RETRY)
+@shared_task(base=EngineTask, name="sagas.consumers_redeliver", acks_late=True, ignore_result=True, **INFRASTRUCTURE_RETRY)
 def consumers_redeliver() -> int:
     if "consumers" not in settings.OUTBOX_PUBLISHER:
         return 0  # events go to external consumers only

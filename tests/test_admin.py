@@ -16,6 +16,7 @@ from django.contrib import admin, messages
 from django.db import transaction
 from django.urls import reverse
 from django.utils import timezone
+from django.utils import timezone
 
 from inventory.models import Product, Reservation, ReservationStatus, Stock
 from orders.admin import OrderAdmin
@@ -24,7 +25,19 @@ from payments.models import Payment, PaymentStatus, Refund
 from sagas import runner
 from sagas.consumers import consume
 from sagas.definition import COMPENSATE, FORWARD
-from sagas.models import Fault, InboxMessage, OutboxEvent, SagaInstance, SagaState, StepExecution, StepState
+from sagas.heartbeat import Heartbeat
+from sagas.models import (
+    Fault,
+    InboxMessage,
+    OutboxEvent,
+    RejectedMessage,
+    SagaInstance,
+    SagaState,
+    StepExecution,
+    StepState,
+    WorkerHeartbeat,
+)
+from sagas.rejects import message_reject_record
 from sagas.outbox import outbox_emit
 from sagas.publishers import message
 from sagas.services import saga_abort
@@ -118,8 +131,12 @@ def test_every_page_of_every_registered_model_of_the_project_answers_200(admin_c
     with transaction.atomic():
         event = outbox_emit(aggregate_type="thing", aggregate_id=uuid.uuid4(), event_type="THING_HAPPENED", payload={})
     consume(consumer="test-recorder", message=message(event))  # an inbox row to show
+    message_reject_record(reason="not JSON", body=b"garbage", queue="chainsaga")  # a rejected message
+    Heartbeat(hostname="worker@test", queues=["chainsaga"], interval=5).beat(now=timezone.now())  # a worker's
     project_models = {m for m in admin.site._registry if m._meta.app_label in {"sagas", "orders", "inventory", "payments"}}
-    assert project_models == {SagaInstance, Fault, Order, Product, Payment, Refund, Reservation, OutboxEvent, InboxMessage}
+    assert project_models == {
+        SagaInstance, Fault, Order, Product, Payment, Refund, Reservation, OutboxEvent, InboxMessage, RejectedMessage, WorkerHeartbeat,
+    }
 
     for model in project_models:
         assert admin_client.get(changelist(model)).status_code == 200, model

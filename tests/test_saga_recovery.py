@@ -163,7 +163,7 @@ def test_a_worker_whose_database_connections_were_cut_reconnects_and_finishes_sa
 
 @pytest.mark.services(reason="runs its own redis-server as the broker")
 def test_a_worker_survives_its_redis_broker_restarting_while_it_holds_a_message(tmp_path):
-    # Celery 5.7.0's own consumer exits with "Unrecoverable error" here (see config.broker.WorkerConsumer).
+    # Celery 5.7.0's own consumer exits with "Unrecoverable error" here (see sagas.worker.WorkerConsumer).
     from config.celery import app
     from perf.services import PrivateRedis
     from sagas.dispatch import step_signature

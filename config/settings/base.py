@@ -44,7 +44,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    "config.middleware.RejectMalformedHeadersMiddleware",  # first: before anything reads a header
+    "config.outage.OutageMiddleware",  # outermost: a component that is down answers 503, not 500
+    "config.middleware.RejectMalformedHeadersMiddleware",  # before anything reads a header
+    "config.db_deadline.QueryDeadlineMiddleware",  # a frozen database cannot hold a request
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -129,7 +131,7 @@ CELERY_TASK_ROUTES = control_routes(SAGAS_CONTROL_QUEUE)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TIMEZONE = "UTC"
-CELERY_WORKER_CONSUMER = "config.broker:WorkerConsumer"  # survives losing Redis (see there)
+CELERY_WORKER_CONSUMER = "sagas.worker:WorkerConsumer"  # survives losing Redis and poison messages
 # Celery's Django fixup closes the database connection around every task unless told to reuse
 # it: a new PostgreSQL connection per task costs more than most steps. Reused for this many
 # tasks; config.celery also drops a connection that broke or outlived CONN_MAX_AGE before a task.
@@ -139,6 +141,11 @@ CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000)
 # still running; sagas.definition refuses a step that breaks this.
 SAGAS_VISIBILITY_TIMEOUT = env_int("SAGAS_VISIBILITY_TIMEOUT", 3600)
 CELERY_BROKER_TRANSPORT_OPTIONS = broker_transport_options(CELERY_BROKER_URL, visibility_timeout=SAGAS_VISIBILITY_TIMEOUT)
+# A broker that is down or frozen must not hold a request: connecting and each Redis command are
+# bounded, and a publish is tried twice. A message that could not be sent is left to the sweeper
+# (sagas.dispatch), which re-drives its saga once the broker is back.
+CELERY_BROKER_CONNECTION_TIMEOUT = env_float("BROKER_CONNECT_TIMEOUT", 2.0)
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 
 SAGAS_SWEEP_INTERVAL = env_float("SAGAS_SWEEP_INTERVAL", 10.0)
 CELERY_BEAT_SCHEDULE = {
@@ -167,6 +174,12 @@ SAGAS_FAULT_INJECTION = env_bool("SAGAS_FAULT_INJECTION", False)
 # How long past a step's timeout the sweeper waits before re-driving a saga that made no progress.
 SAGAS_STUCK_GRACE = env_float("SAGAS_STUCK_GRACE", 5.0)
 SAGAS_SWEEP_BATCH = env_int("SAGAS_SWEEP_BATCH", 200)
+# After a message could not be sent, this process leaves the broker alone for this long (s).
+SAGAS_BROKER_RETRY_AFTER = env_float("SAGAS_BROKER_RETRY_AFTER", 5.0)
+# Each worker writes a heartbeat this often (s); health calls the workers stalled when work
+# waits and none of them accepted a task for WORKERS_STALLED_AFTER seconds.
+SAGAS_HEARTBEAT_INTERVAL = env_float("SAGAS_HEARTBEAT_INTERVAL", 5.0)
+WORKERS_STALLED_AFTER = env_float("WORKERS_STALLED_AFTER", 60.0)
 # A step waits at most a third of its timeout for a row lock, and never longer than this (s).
 SAGAS_STEP_LOCK_TIMEOUT_MAX = env_float("SAGAS_STEP_LOCK_TIMEOUT_MAX", 10.0)
 
@@ -178,8 +191,10 @@ LOGGING = {
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "filters": {"quiet_outage": {"()": "config.outage.QuietOutageFilter"}},
     "loggers": {
         "django.db.backends": {"level": "WARNING"},
+        "django.request": {"filters": ["quiet_outage"]},  # an outage is one line (config.outage), not a traceback per request
         "axes": {"level": "WARNING"},  # one INFO line per login attempt; failures and lockouts are WARNINGs
     },
 }
@@ -234,11 +249,29 @@ SPECTACULAR_SETTINGS = {
 # Bodies larger than this are refused with a JSON 413 (config.api); an order is a few KB.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("API_MAX_BODY_BYTES", 2_621_440)
 # Throttle counters live in the cache: Redis when REDIS_URL is set (shared by every web process).
+# Bounded: a cache that is down or frozen costs at most these timeouts, and the throttles then
+# count per process for CACHE_RETRY_AFTER seconds (config.throttle_cache).
 CACHES = {
-    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "OPTIONS": {"socket_connect_timeout": 1.0, "socket_timeout": 1.0},
+    }
     if REDIS_URL
     else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
 }
+CACHE_RETRY_AFTER = env_float("CACHE_RETRY_AFTER", 10.0)
+
+# --- Outages (config.outage, config.db_deadline) --------------------------------------------------
+# Every query of a web request must finish within this many seconds of the request's start (0: no
+# deadline); past it the query's connection is cut and the client gets a 503.
+WEB_DB_DEADLINE = env_float("WEB_DB_DEADLINE", 4.0)
+OUTAGE_RETRY_AFTER = env_int("OUTAGE_RETRY_AFTER", 5)  # the 503's Retry-After (s)
+# /api/health/ answers within this many seconds whatever hangs; HEALTH_TOKEN (Authorization:
+# Bearer ...) shows a monitoring system the details staff see.
+HEALTH_CHECK_TIMEOUT = env_float("HEALTH_CHECK_TIMEOUT", 2.5)
+HEALTH_TOKEN = env_str("HEALTH_TOKEN", "")
+HEALTH_THROTTLE_RATE = env_str("API_THROTTLE_HEALTH", "120/min")  # per client address
 
 # --- Transactional outbox ------------------------------------------------------------------------
 # Comma-separated: "redis" (Redis Streams events.<aggregate_type>, needs REDIS_URL), "consumers"

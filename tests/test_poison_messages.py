@@ -1,0 +1,178 @@
+"""No message can stop the system (rule 12; issue 9, case 1): a message a worker cannot decode, or
+whose arguments do not fit its task, is rejected without requeue and recorded, and the worker goes
+on consuming, on Redis and on RabbitMQ, with one pool process and with two."""
+
+import base64
+import json
+import socket
+import time
+import uuid
+
+import pytest
+from django.conf import settings
+from kombu import Connection, Queue
+
+from sagas.models import RejectedMessage
+from sagas.testing import CeleryWorker, subprocess_environment
+
+pytestmark = pytest.mark.django_db(transaction=True)
+BROKERS = "a Redis and a RabbitMQ broker"
+
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def rabbitmq_answers() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def task_headers(task: str, marker: str, **extra) -> dict:
+    return {"lang": "py", "task": task, "id": marker, "retries": 0, "root_id": marker, "parent_id": None,
+            "argsrepr": "", "kwargsrepr": "", "origin": "attacker", "ignore_result": True, **extra}
+
+
+def task_messages(marker: str) -> list[tuple[str, dict, str, str]]:
+    """(name, headers, body, content type) of task messages that no worker can run."""
+    saga = str(uuid.uuid4())
+    return [
+        ("body of the wrong shape", task_headers("sagas.run_step", f"{marker}-shape"), json.dumps({"a": 1}), "application/json"),
+        ("arguments that do not fit", task_headers("sagas.run_step", f"{marker}-args"),
+         json.dumps([[], {"nope": 1}, {}]), "application/json"),
+        ("arguments of the wrong form", task_headers("sagas.run_step", f"{marker}-form"),
+         json.dumps([[], {"saga_id": "x", "step": "s", "direction": "sideways"}, {}]), "application/json"),
+        ("a step of a saga that does not exist", task_headers("sagas.consume_event", f"{marker}-consumer"),
+         json.dumps([[], {"consumer": "nobody", "message": {"id": saga}}, {}]), "application/json"),
+        ("an unknown task", task_headers("sagas.no_such_task", f"{marker}-unknown"), json.dumps([[], {}, {}]), "application/json"),
+        ("a body that is not JSON", task_headers("sagas.run_step", f"{marker}-body"), "not json", "application/json"),
+        ("a pickled body", task_headers("sagas.run_step", f"{marker}-pickle"), "\x80\x04K\x01.", "application/x-python-serialize"),
+        ("headers without a task id", {"task": "sagas.run_step", "marker": f"{marker}-noid"}, json.dumps([[], {}, {}]), "application/json"),
+    ]
+
+
+def redis_envelope(queue: str, headers: dict, body: str, content_type: str, *, encoding: str = "base64") -> str:
+    encoded = base64.b64encode(body.encode("latin-1")).decode() if encoding == "base64" else body
+    return json.dumps({
+        "body": encoded, "content-encoding": "utf-8", "content-type": content_type, "headers": headers,
+        "properties": {"correlation_id": headers.get("id", "x"), "reply_to": "", "delivery_mode": 2,
+                       "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
+                       "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
+    })
+
+
+def send_poison_to_redis(queue: str, marker: str) -> list[str]:
+    import redis
+
+    raw = [
+        f"not json {marker}",
+        json.dumps([1, 2, marker]),
+        json.dumps({"body": marker}),  # no properties
+        redis_envelope(queue, task_headers("sagas.run_step", f"{marker}-b64"), f"%%% {marker}", "application/json", encoding="none"),
+    ]
+    raw += [redis_envelope(queue, headers, body, ctype) for _, headers, body, ctype in task_messages(marker)]
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    for item in raw:
+        client.lpush(queue, item)
+    return raw
+
+
+def send_poison_to_rabbitmq(queue: str, marker: str) -> list[str]:
+    messages = [("not json", {"marker": marker}, f"not json {marker}", "application/json"),
+                ("a list", {"marker": marker}, json.dumps([1, 2, marker]), "application/json"),
+                *task_messages(marker)]
+    with Connection(RABBITMQ_URL) as conn:
+        producer = conn.Producer()
+        for _, headers, body, ctype in messages:
+            producer.publish(body.encode("latin-1"), routing_key=queue, exchange="", headers=headers,
+                             content_type=ctype, content_encoding="binary", serializer=None, declare=[Queue(queue)])
+    return [name for name, *_ in messages]
+
+
+@pytest.mark.services(reason=BROKERS)
+@pytest.mark.parametrize("concurrency", [1, 2])
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_a_worker_rejects_and_records_every_poison_message_and_keeps_consuming(broker, concurrency):
+    if broker == "rabbitmq" and not rabbitmq_answers():
+        pytest.fail("RabbitMQ does not answer on 127.0.0.1:5672 (.ci/run starts it)")
+    queue = f"{settings.CELERY_TASK_DEFAULT_QUEUE}-poison-{uuid.uuid4().hex[:8]}"
+    env = subprocess_environment(CELERY_TASK_DEFAULT_QUEUE=queue, SAGAS_CONTROL_QUEUE=queue)
+    if broker == "rabbitmq":
+        env["CELERY_BROKER_URL"] = RABBITMQ_URL
+    marker = uuid.uuid4().hex
+    worker = CeleryWorker(queues=[queue], concurrency=concurrency, env=env).start()
+    try:
+        # Given garbage, wrong shapes, unknown tasks and misfitting arguments in the worker's queue
+        sent = send_poison_to_redis(queue, marker) if broker == "redis" else send_poison_to_rabbitmq(queue, marker)
+
+        # When a good message follows them
+        good = _send_sweep(broker, queue)
+
+        # Then the worker ran it, is alive, and recorded each poison message once, none requeued
+        worker.wait_for_output(f"Task sagas.sweep[{good}] succeeded", timeout=60)
+        recorded = _recorded(marker, expected=len(sent))
+        assert len(recorded) == len(sent), "\n".join(f"{r.task}: {r.reason}" for r in recorded)
+        assert worker.alive and "Unrecoverable error" not in worker.output()
+        assert all(len(r.body) <= RejectedMessage.MAX_BODY and r.reason for r in recorded)
+        assert _waiting(broker, queue) == 0
+    finally:
+        worker.kill()
+        _delete_queue(broker, queue)
+
+
+def _recorded(marker: str, *, expected: int, timeout: float = 20.0) -> list[RejectedMessage]:
+    """The rejected messages carrying `marker`, once there are `expected` of them (with two pool
+    processes the good message may finish before the last poisoned one is refused)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        recorded = list(RejectedMessage.objects.filter(body__contains=marker))
+        if len(recorded) >= expected or time.monotonic() > deadline:
+            return recorded
+        time.sleep(0.1)
+
+
+def _send_sweep(broker: str, queue: str) -> str:
+    from celery import current_app
+
+    url = RABBITMQ_URL if broker == "rabbitmq" else settings.CELERY_BROKER_URL
+    with Connection(url) as conn:
+        return current_app.send_task("sagas.sweep", queue=queue, connection=conn).id
+
+
+def _waiting(broker: str, queue: str) -> int:
+    url = RABBITMQ_URL if broker == "rabbitmq" else settings.CELERY_BROKER_URL
+    with Connection(url) as conn:
+        try:
+            return conn.default_channel.queue_declare(queue=queue, passive=True).message_count
+        except conn.channel_errors:
+            return 0
+
+
+def _delete_queue(broker: str, queue: str) -> None:
+    url = RABBITMQ_URL if broker == "rabbitmq" else settings.CELERY_BROKER_URL
+    with Connection(url) as conn:
+        conn.default_channel.queue_delete(queue)
+
+
+
+def test_the_embedded_broker_drops_and_records_a_message_it_cannot_read():
+    if settings.CHAINSAGA_TEST_BACKEND != "embedded":
+        pytest.skip("services mode: the embedded SQLAlchemy broker is not in use")
+    queue = f"{settings.CELERY_TASK_DEFAULT_QUEUE}-poison-{uuid.uuid4().hex[:8]}"
+    marker = uuid.uuid4().hex
+    worker = CeleryWorker(queues=[queue], concurrency=1, env=subprocess_environment(CELERY_TASK_DEFAULT_QUEUE=queue)).start()
+    try:
+        with Connection(settings.CELERY_BROKER_URL) as conn:
+            channel = conn.default_channel
+            for raw in (f"not json {marker}", json.dumps([1, 2, marker])):
+                channel.session.add(channel.message_cls(payload=raw, queue=channel._get_or_create(queue)))
+            channel.session.commit()
+
+        good = _send_sweep("embedded", queue)
+
+        worker.wait_for_output(f"Task sagas.sweep[{good}] succeeded", timeout=60)
+        assert len(_recorded(marker, expected=2)) == 2
+        assert worker.alive and "Unrecoverable error" not in worker.output()
+    finally:
+        worker.kill()
