@@ -7,6 +7,8 @@ services the developer (or another test run) is using.
         pg.restart()            # pg_ctl restart -m fast: every connection is cut
         redis = stack.enter_context(PrivateRedis(root))
         redis.restart(down_for=2.0)   # no persistence: every queued message is gone
+        redis = stack.enter_context(PrivateRedis(root, appendfsync="everysec"))
+        redis.crash_restart()         # kill -9 with AOF: what was not yet written out is gone
 """
 
 from __future__ import annotations
@@ -116,18 +118,29 @@ class PrivatePostgres:
 
 
 class PrivateRedis:
-    """redis-server on a free port without persistence: a restart loses every key."""
+    """redis-server on a free port. Without `appendfsync` there is no persistence: a restart loses
+    every key. With it ("everysec", "always" or "no"), the append-only file (AOF) is on and a
+    restart keeps what had been written to it; `crash_restart` (kill -9) loses what had not."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, appendfsync: str | None = None):
         self.root = Path(root)
         self.port = free_port()
+        self.appendfsync = appendfsync
         self.process: subprocess.Popen | None = None
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
+    @property
+    def aof_dir(self) -> Path:
+        """Where Redis 7 keeps its multi-part AOF (a manifest, a base and incremental files)."""
+        return self.root / "appendonlydir"
+
     def start(self, timeout: float = 15.0) -> PrivateRedis:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        persistence = ["--appendonly", "no"]
+        if self.appendfsync is not None:
+            persistence = ["--appendonly", "yes", "--appendfsync", self.appendfsync]
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
                 "--dir", str(self.root), "--logfile", str(self.root / "redis.log")]
         try:
             self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -143,13 +156,14 @@ class PrivateRedis:
     def _answers(self) -> bool:
         import redis
 
-        try:
+        try:  # LOADING (an AOF being read back) is an error: not up yet
             return redis.Redis(port=self.port, socket_timeout=0.5).ping()
         except redis.RedisError:
             return False
 
     def stop(self) -> None:
-        """SHUTDOWN NOSAVE; kill -9 if it does not go."""
+        """SHUTDOWN NOSAVE (with AOF on, Redis still writes out and fsyncs the AOF first); kill -9
+        if it does not go."""
         if self.process is None or self.process.poll() is not None:
             return
         import redis
@@ -164,11 +178,23 @@ class PrivateRedis:
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """kill -9: nothing is written out. With appendfsync everysec, writes the OS had not yet
+        been handed may be lost (about the last second at most, usually nothing)."""
+        if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
 
     def restart(self, *, down_for: float = 2.0) -> None:
         self.stop()
+        time.sleep(down_for)
+        self.start()
+
+    def crash_restart(self, *, down_for: float = 2.0) -> None:
+        """kill -9, then start again (reading the AOF back, if it is on)."""
+        self.kill()
         time.sleep(down_for)
         self.start()
 
