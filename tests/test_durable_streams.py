@@ -3,19 +3,25 @@ are already marked published, the relay notices and publishes the retained event
 anything newer of theirs. Real `celery worker` and `celery beat` on PostgreSQL and a private
 `redis-server` that the tests restart."""
 
+import threading
 import time
 import uuid
 from collections import Counter
+from io import StringIO
 from datetime import timedelta
 
 import pytest
 import redis
-from django.db import transaction
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection, transaction
 from django.utils import timezone
 
 from perf.services import PrivateRedis
-from sagas.models import OutboxEvent
+from sagas.models import OutboxEvent, OutboxStream
 from sagas.outbox import outbox_emit
+from sagas.publishers import RedisStreamPublisher
+from sagas.relay import DEFER, outbox_relay
 from sagas.testing import CeleryBeat, CeleryWorker, purge_queues, subprocess_environment
 
 pytestmark = [
@@ -142,3 +148,136 @@ def test_with_aof_the_lost_tail_is_published_again_from_the_newest_entry_that_su
     assert all(copies[str(event.id)] == 1 for event in tail + later)
     assert in_stream_order_per_aggregate(stream)
     assert f"outbox_stream_recovered stream={STREAM} republished=11 " in log, log[-4000:]
+
+
+# --- the relay's side, in this process against the suite's Redis -------------------------------
+
+
+@pytest.fixture
+def stream(settings):
+    """A stream of its own on the suite's Redis (settings.REDIS_URL): (aggregate type, stream name)."""
+    aggregate_type = f"crate{uuid.uuid4().hex[:8]}"
+    name = f"events.{aggregate_type}"
+    yield aggregate_type, name
+    redis.Redis.from_url(settings.REDIS_URL).delete(name)
+
+
+def emit_to(aggregate_type: str, aggregate_id: str, event_type: str) -> OutboxEvent:
+    with transaction.atomic():
+        return outbox_emit(aggregate_type=aggregate_type, aggregate_id=aggregate_id, event_type=event_type, payload={})
+
+
+def types_in(client: redis.Redis, name: str) -> list[str]:
+    return [fields[b"type"].decode() for _, fields in client.xrange(name)]
+
+
+def test_a_batch_for_a_stream_that_lost_entries_waits_until_the_retained_events_are_in_it_again(settings, stream):
+    settings.OUTBOX_STREAM_CHECK_INTERVAL = 60  # only the publish itself can notice the loss here
+    aggregate_type, name = stream
+    publisher = RedisStreamPublisher(settings.REDIS_URL)
+    for n in range(3):
+        emit_to(aggregate_type, "a", f"OLD_{n}")
+    outbox_relay(publisher=publisher)
+    publisher.client.delete(name)  # the stream lost every entry; the rows stay published
+    new = [emit_to(aggregate_type, "a", "NEW_0"), emit_to(aggregate_type, "b", "NEW_1")]
+
+    first = outbox_relay(publisher=publisher)
+    waiting = list(OutboxEvent.objects.filter(pk__in=[e.pk for e in new]).values_list("published_at", "attempts"))
+    time.sleep(DEFER.total_seconds() + 0.1)
+    second = outbox_relay(publisher=publisher)
+
+    assert (first.published, first.deferred, first.republished, first.failed) == (0, 2, 3, 0)
+    assert waiting == [(None, 0), (None, 0)], "deferred, not failed: no attempt spent"
+    assert second.published == 2
+    assert types_in(publisher.client, name) == ["OLD_0", "OLD_1", "OLD_2", "NEW_0", "NEW_1"]
+    assert OutboxStream.objects.values_list("recoveries", "republished").get(name=name) == (1, 3)
+
+
+def test_a_loss_is_found_when_nothing_is_being_published_at_most_every_check_interval(settings, stream):
+    settings.OUTBOX_STREAM_CHECK_INTERVAL = 2.0
+    aggregate_type, name = stream
+    publisher = RedisStreamPublisher(settings.REDIS_URL)
+    for n in range(3):
+        emit_to(aggregate_type, "a", f"E{n}")
+    outbox_relay(publisher=publisher)  # looks first, then publishes
+    publisher.client.delete(name)
+
+    too_soon = outbox_relay(publisher=publisher)
+    time.sleep(2.1)
+    in_time = outbox_relay(publisher=publisher)
+
+    assert (too_soon.republished, in_time.republished, in_time.published) == (0, 3, 0)
+    assert types_in(publisher.client, name) == ["E0", "E1", "E2"]
+
+
+def test_two_relays_finding_the_same_loss_publish_the_lost_events_again_once(settings, stream):
+    aggregate_type, name = stream
+    for n in range(50):
+        emit_to(aggregate_type, str(n % 7), f"E{n}")
+    outbox_relay(publisher=RedisStreamPublisher(settings.REDIS_URL))
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.delete(name)
+    start, counts = threading.Barrier(2), []
+
+    def relay_process():
+        publisher = RedisStreamPublisher(settings.REDIS_URL)
+        start.wait(10)
+        counts.append(publisher.verify(force=True))
+        connection.close()
+
+    relays = [threading.Thread(target=relay_process) for _ in range(2)]
+    for thread in relays:
+        thread.start()
+    for thread in relays:
+        thread.join(30)
+
+    assert sorted(counts) == [0, 50]
+    assert client.xlen(name) == 50
+    assert OutboxStream.objects.values_list("recoveries", "republished", "recovery_lease_until").get(name=name) == (1, 50, None)
+
+
+def test_a_recovery_held_by_another_relay_is_left_to_it_until_its_lease_runs_out(settings, stream):
+    aggregate_type, name = stream
+    publisher = RedisStreamPublisher(settings.REDIS_URL)
+    for n in range(4):
+        emit_to(aggregate_type, "a", f"E{n}")
+    outbox_relay(publisher=publisher)
+    publisher.client.delete(name)
+    now = timezone.now()
+    OutboxStream.objects.filter(name=name).update(recovery_lease_until=now + timedelta(seconds=30))
+
+    while_held = publisher.verify(force=True)
+    OutboxStream.objects.filter(name=name).update(recovery_lease_until=now - timedelta(seconds=1))  # that relay died
+    after_it_ran_out = publisher.verify(force=True)
+
+    assert (while_held, after_it_ran_out) == (0, 4)
+    assert types_in(publisher.client, name) == ["E0", "E1", "E2", "E3"]
+
+
+def test_outbox_replay_publishes_again_what_was_published_since_a_time_showing_progress_and_a_count(settings, stream):
+    aggregate_type, name = stream
+    other_type = f"{aggregate_type}x"
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    for n in range(3):
+        emit_to(aggregate_type, "a", f"E{n}")
+    emit_to(other_type, "b", "OTHER")
+    outbox_relay(publisher=RedisStreamPublisher(settings.REDIS_URL))
+    OutboxEvent.objects.filter(event_type="E0").update(published_at=timezone.now() - timedelta(hours=3))
+    client.delete(name, f"events.{other_type}")
+    one_stream, every_stream = StringIO(), StringIO()
+
+    call_command("outbox_replay", "--since", "2h", "--stream", name, stdout=one_stream)
+    replayed_one_stream = types_in(client, name)
+    since = (timezone.now() - timedelta(hours=4)).isoformat()
+    call_command("outbox_replay", "--since", since, stdout=every_stream)
+    client.delete(f"events.{other_type}")
+
+    assert replayed_one_stream == ["E1", "E2"]
+    assert f"{name}: 2/2" in one_stream.getvalue()
+    assert one_stream.getvalue().rstrip().endswith("published 2 event(s) again to 1 stream(s)")
+    assert types_in(client, name) == ["E1", "E2", "E0", "E1", "E2"], "consumers dedupe by id and order by sequence"
+    assert every_stream.getvalue().rstrip().endswith("published 4 event(s) again to 2 stream(s)")
+    with pytest.raises(CommandError, match="duration"):
+        call_command("outbox_replay", "--since", "yesterday")
+    with pytest.raises(CommandError, match="events.<aggregate type>"):
+        call_command("outbox_replay", "--since", "1h", "--stream", "order")
