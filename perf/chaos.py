@@ -7,11 +7,12 @@ It never touches the services you run: it starts a private PostgreSQL cluster an
 (perf.services) and, with --broker rabbitmq, a private vhost on the machine's RabbitMQ
 (CHAOS_RABBITMQ_URL, default amqp://guest:guest@127.0.0.1:5672//), with two `celery worker`s and
 a `celery beat` on top. Faults, spread over the placing phase: a random pool child kill -9'd every
-few seconds, one whole worker kill -9'd and restarted, Redis kill -9'd and started again from its
-append-only file (AOF, appendfsync everysec, as docker-compose.yml runs it: what it had not yet
-written out is lost, and the relay must put lost stream entries back), PostgreSQL restarted
-(every connection cut), a second beat for a while, and with RabbitMQ every connection to our
-vhost forced closed once.
+few seconds, one whole worker kill -9'd and restarted, Redis crashed the way a machine crash
+leaves it with its append-only file on (appendfsync everysec, as docker-compose.yml runs it):
+kill -9'd, its AOF cut back to where it was a second earlier, started again, so that the last
+second's queued messages and stream entries are lost and the relay must put the entries back;
+PostgreSQL restarted (every connection cut), a second beat for a while, and with RabbitMQ every
+connection to our vhost forced closed once.
 
 Writes docs/chaos/latest-<broker>.md and .json (--short: var/chaos/short-<broker>.*) and exits 1
 on any violation.
@@ -239,8 +240,14 @@ def fault_actions(cluster: Cluster, pg: PrivatePostgres, redis: PrivateRedis, vh
         return "worker 0 started again"
 
     def redis_restart() -> str:
-        redis.crash_restart(down_for=2.0)
-        return f"kill -9, down 2 s, started again on port {redis.port} from its AOF (appendfsync {redis.appendfsync})"
+        # A machine crash with appendfsync everysec: the last second of writes never reached the
+        # disk. Queued messages and stream entries of that second are lost; the sweeper, the
+        # consumer redelivery and the relay's stream check must make up for them.
+        on_disk = redis.aof_mark()
+        time.sleep(1.0)
+        redis.crash_restart(down_for=2.0, back_to=on_disk)
+        return (f"kill -9 with the AOF cut back to where it was 1 s earlier ({on_disk.size} bytes), down 2 s, "
+                f"started again on port {redis.port} from it")
 
     def postgres_restart() -> str:
         pg.restart()

@@ -8,7 +8,8 @@ services the developer (or another test run) is using.
         redis = stack.enter_context(PrivateRedis(root))
         redis.restart(down_for=2.0)   # no persistence: every queued message is gone
         redis = stack.enter_context(PrivateRedis(root, appendfsync="everysec"))
-        redis.crash_restart()         # kill -9 with AOF: what was not yet written out is gone
+        on_disk = redis.aof_mark()
+        redis.crash_restart(back_to=on_disk)  # kill -9, and the AOF loses what came after the mark
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -117,6 +119,14 @@ class PrivatePostgres:
         self.stop()
 
 
+@dataclass(frozen=True)
+class AofMark:
+    """A point in a Redis append-only file: the incremental file then being written, and its size."""
+
+    path: Path
+    size: int
+
+
 class PrivateRedis:
     """redis-server on a free port. Without `appendfsync` there is no persistence: a restart loses
     every key. With it ("everysec", "always" or "no"), the append-only file (AOF) is on and a
@@ -135,6 +145,13 @@ class PrivateRedis:
     def aof_dir(self) -> Path:
         """Where Redis 7 keeps its multi-part AOF (a manifest, a base and incremental files)."""
         return self.root / "appendonlydir"
+
+    def aof_mark(self) -> AofMark:
+        """How far the AOF reaches now: `crash_restart(back_to=...)` cuts it back to here."""
+        if self.appendfsync is None:
+            raise ServiceError("this Redis runs without an AOF")
+        latest = max(self.aof_dir.glob("*.incr.aof"), key=lambda path: int(path.name.split(".")[-3]))
+        return AofMark(latest, latest.stat().st_size)
 
     def start(self, timeout: float = 15.0) -> PrivateRedis:
         persistence = ["--appendonly", "no"]
@@ -192,9 +209,15 @@ class PrivateRedis:
         time.sleep(down_for)
         self.start()
 
-    def crash_restart(self, *, down_for: float = 2.0) -> None:
-        """kill -9, then start again (reading the AOF back, if it is on)."""
+    def crash_restart(self, *, down_for: float = 2.0, back_to: AofMark | None = None) -> None:
+        """kill -9, then start again (reading the AOF back, if it is on). With `back_to`, the AOF
+        is first cut back to that mark: what a machine crash does to writes the OS had not yet
+        put on disk (with appendfsync everysec, those of about the last second). Redis reads a
+        file cut inside a command or a MULTI block back to its last whole command."""
         self.kill()
+        if back_to is not None and back_to.path.exists() and back_to.path.stat().st_size > back_to.size:
+            with open(back_to.path, "r+b") as aof:
+                aof.truncate(back_to.size)
         time.sleep(down_for)
         self.start()
 

@@ -124,18 +124,14 @@ def test_with_aof_the_lost_tail_is_published_again_from_the_newest_entry_that_su
         for event in early:
             OutboxEvent.objects.filter(pk=event.pk).update(published_at=event.created_at + timedelta(seconds=1))
         time.sleep(1.5)  # appendfsync everysec: on disk
-        aof = sorted(redis_server.aof_dir.glob("*.incr.aof"))[-1]
-        on_disk = aof.stat().st_size
+        on_disk = redis_server.aof_mark()
         # ...and ten published now that never reach the disk:
         tail = [emit(f"p{n % 3}", f"TAIL_{n}") for n in range(10)]
         assert wait_until(lambda: all_published() and len(entries(client)) == 20, timeout=30), relay.output()
         time.sleep(1.5)
 
-        # When Redis dies and its AOF holds only what was fsynced before the tail
-        redis_server.kill()
-        with open(aof, "r+b") as file:
-            file.truncate(on_disk)
-        redis_server.start()
+        # When the machine crashes and the AOF holds only what was on disk before the tail
+        redis_server.crash_restart(down_for=0.1, back_to=on_disk)
         later = [emit(f"p{n % 3}", f"LATER_{n}") for n in range(5)]
         expected = {str(event.id) for event in early + tail + later}
         everything_in_stream = wait_until(lambda: expected <= {e[0] for e in entries(client)}, timeout=30)
