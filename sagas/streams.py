@@ -129,24 +129,19 @@ def stream_recover(client, *, name: str, maxlen: int, batch_size: int) -> int:
         lost_id = row.last_entry_id
         if not lost_id or client.xrange(name, lost_id, lost_id, count=1):
             return 0  # recovered meanwhile, or never lost
-        [survivor] = client.xrevrange(name, max=lost_id, min="-", count=1) or [(None, None)]
-        survivor_id, survivor_fields = survivor
-        since = None
-        if survivor_id is not None:
-            since = datetime.fromisoformat(survivor_fields[b"created_at"].decode()) - CLOCK_SKEW
+        [(survivor_id, survivor_fields)] = client.xrevrange(name, max=lost_id, min="-", count=1) or [(None, {})]
+        since = _created_at(survivor_fields)
+        since = since - CLOCK_SKEW if since is not None else None
         log.warning(
             "outbox_stream_lost stream=%s last_entry=%s newest_surviving_entry=%s: publishing again the retained %s events %s",
             name, lost_id, _text(survivor_id) or "none", row.aggregate_type,
             f"published since {since.isoformat()}" if since else "(all of them)",
         )
 
-        def renew() -> None:
-            nonlocal lease
-            lease = _lease_renew(name, lease)
-
         def progress(done: int, total: int) -> None:
+            nonlocal lease
             log.info("outbox_stream_republish stream=%s %s/%s", name, done, total)
-            renew()
+            lease = _lease_renew(name, lease)
 
         try:
             count, last_id = stream_republish(
@@ -222,6 +217,15 @@ def _lease_renew(name: str, lease: datetime) -> datetime:
 
 class RecoveryLeaseLost(RuntimeError):
     """This relay held a stream's recovery longer than RECOVERY_LEASE without renewing it."""
+
+
+def _created_at(fields: dict) -> datetime | None:
+    """The created_at an outbox entry carries; None for no entry, or one that is not the relay's
+    (then everything retained is published again)."""
+    try:
+        return datetime.fromisoformat(fields[b"created_at"].decode())
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None
 
 
 def _text(value) -> str | None:
