@@ -277,3 +277,19 @@ def test_outbox_replay_publishes_again_what_was_published_since_a_time_showing_p
         call_command("outbox_replay", "--since", "yesterday")
     with pytest.raises(CommandError, match="events.<aggregate type>"):
         call_command("outbox_replay", "--since", "1h", "--stream", "order")
+
+
+def test_when_the_newest_surviving_entry_is_not_the_relays_every_retained_event_is_published_again(settings, stream):
+    aggregate_type, name = stream
+    publisher = RedisStreamPublisher(settings.REDIS_URL)
+    publisher.client.xadd(name, {"note": "added by hand"})
+    for n in range(3):
+        emit_to(aggregate_type, "a", f"E{n}")
+    outbox_relay(publisher=publisher)
+    relays_entries = [entry_id for entry_id, fields in publisher.client.xrange(name) if b"id" in fields]
+    publisher.client.xdel(name, *relays_entries)  # lost; what survived carries no created_at
+
+    republished = publisher.verify(force=True)
+
+    assert republished == 3
+    assert [fields.get(b"type") for _, fields in publisher.client.xrange(name)] == [None, b"E0", b"E1", b"E2"]
