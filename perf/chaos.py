@@ -7,9 +7,12 @@ It never touches the services you run: it starts a private PostgreSQL cluster an
 (perf.services) and, with --broker rabbitmq, a private vhost on the machine's RabbitMQ
 (CHAOS_RABBITMQ_URL, default amqp://guest:guest@127.0.0.1:5672//), with two `celery worker`s and
 a `celery beat` on top. Faults, spread over the placing phase: a random pool child kill -9'd every
-few seconds, one whole worker kill -9'd and restarted, Redis restarted without persistence (every
-queued message and stream entry is lost), PostgreSQL restarted (every connection cut), a second
-beat for a while, and with RabbitMQ every connection to our vhost forced closed once.
+few seconds, one whole worker kill -9'd and restarted, Redis crashed the way a machine crash
+leaves it with its append-only file on (appendfsync everysec, as docker-compose.yml runs it):
+kill -9'd, its AOF cut back to where it was a second earlier, started again, so that the last
+second's queued messages and stream entries are lost and the relay must put the entries back;
+PostgreSQL restarted (every connection cut), a second beat for a while, and with RabbitMQ every
+connection to our vhost forced closed once.
 
 Writes docs/chaos/latest-<broker>.md and .json (--short: var/chaos/short-<broker>.*) and exits 1
 on any violation.
@@ -194,7 +197,6 @@ class Cluster:
 class Timeline:
     t0: float = field(default_factory=time.monotonic)
     entries: list[dict] = field(default_factory=list)
-    redis_restarted_at: object = None  # aware datetime when the restarted Redis answered
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 2)
@@ -228,9 +230,7 @@ class FaultInjector(threading.Thread):
 
 
 def fault_actions(cluster: Cluster, pg: PrivatePostgres, redis: PrivateRedis, vhost: RabbitVhost | None,
-                  timeline: Timeline, rng: random.Random) -> dict[str, Callable[[], str]]:
-    from django.utils import timezone
-
+                  rng: random.Random) -> dict[str, Callable[[], str]]:
     def worker_kill() -> str:
         cluster.workers[0].kill()
         return "kill -9 of worker 0's process group (main process and pool children)"
@@ -240,9 +240,14 @@ def fault_actions(cluster: Cluster, pg: PrivatePostgres, redis: PrivateRedis, vh
         return "worker 0 started again"
 
     def redis_restart() -> str:
-        redis.restart(down_for=2.0)
-        timeline.redis_restarted_at = timezone.now()
-        return f"SHUTDOWN NOSAVE, down 2 s, started again on port {redis.port} (empty)"
+        # A machine crash with appendfsync everysec: the last second of writes never reached the
+        # disk. Queued messages and stream entries of that second are lost; the sweeper, the
+        # consumer redelivery and the relay's stream check must make up for them.
+        on_disk = redis.aof_mark()
+        time.sleep(1.0)
+        redis.crash_restart(down_for=2.0, back_to=on_disk)
+        return (f"kill -9 with the AOF cut back to where it was 1 s earlier ({on_disk.size} bytes), down 2 s, "
+                f"started again on port {redis.port} from it")
 
     def postgres_restart() -> str:
         pg.restart()
@@ -488,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(shutil.rmtree, root, ignore_errors=True)
         print(f"chaos soak: {plan.orders} orders, {args.broker} broker, seed {seed}; private services under {root}", flush=True)
         pg = stack.enter_context(PrivatePostgres(root))
-        redis = stack.enter_context(PrivateRedis(root))
+        redis = stack.enter_context(PrivateRedis(root, appendfsync="everysec"))  # as docker-compose.yml runs it
         vhost, broker_url = None, redis.url(0)
         if args.broker == "rabbitmq":
             vhost = stack.enter_context(RabbitVhost(os.environ.get("CHAOS_RABBITMQ_URL", DEFAULT_RABBITMQ)))
@@ -565,7 +570,7 @@ def place_under_faults(run: Run) -> float:
 
     skus = list(Product.objects.values_list("sku", flat=True))
     requests = order_requests(run.plan.orders, skus=skus, rng=run.rng, run=secrets.token_hex(4))
-    actions = fault_actions(run.cluster, run.pg, run.redis, run.vhost, run.timeline, run.rng)
+    actions = fault_actions(run.cluster, run.pg, run.redis, run.vhost, run.rng)
     injector = FaultInjector(fault_schedule(run.plan, broker=run.args.broker, rng=run.rng), actions, run.timeline)
     run.client = Client(run.owner)
     run.timeline.t0 = time.monotonic()
@@ -602,9 +607,8 @@ def report_data(run: Run, *, quiet: bool, work: dict, placing_s: float, settling
     from sagas.models import SagaInstance
 
     order_ids = run.client.order_ids
-    restarted = run.timeline.redis_restarted_at
     checks = harness_checks(run, quiet=quiet, work=work) + [
-        c.as_dict() for c in run_checks(order_ids, initial_on_hand=run.initial_on_hand, redis_restarted_at=restarted)
+        c.as_dict() for c in run_checks(order_ids, initial_on_hand=run.initial_on_hand)
     ]
     orders = Order.objects.filter(pk__in=order_ids)
 
@@ -630,7 +634,7 @@ def report_data(run: Run, *, quiet: bool, work: dict, placing_s: float, settling
         "client_retries": dict(run.client.errors),
         "faults": run.timeline.entries,
         "checks": checks,
-        "recovery": recovery_counts(order_ids, redis_restarted_at=restarted),
+        "recovery": recovery_counts(order_ids),
         "open_work": {} if quiet else work,
         "violations": sum(c["violations"] for c in checks),
     }

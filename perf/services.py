@@ -7,6 +7,9 @@ services the developer (or another test run) is using.
         pg.restart()            # pg_ctl restart -m fast: every connection is cut
         redis = stack.enter_context(PrivateRedis(root))
         redis.restart(down_for=2.0)   # no persistence: every queued message is gone
+        redis = stack.enter_context(PrivateRedis(root, appendfsync="everysec"))
+        on_disk = redis.aof_mark()
+        redis.crash_restart(back_to=on_disk)  # kill -9, and the AOF loses what came after the mark
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import socket
 import subprocess
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -129,19 +133,45 @@ class PrivatePostgres:
         self.stop()
 
 
-class PrivateRedis:
-    """redis-server on a free port without persistence: a restart loses every key."""
+@dataclass(frozen=True)
+class AofMark:
+    """A point in a Redis append-only file: the incremental file then being written, and its size."""
 
-    def __init__(self, root: Path):
+    path: Path
+    size: int
+
+
+class PrivateRedis:
+    """redis-server on a free port. Without `appendfsync` there is no persistence: a restart loses
+    every key. With it ("everysec", "always" or "no"), the append-only file (AOF) is on and a
+    restart keeps what had been written to it; `crash_restart` (kill -9) loses what had not."""
+
+    def __init__(self, root: Path, *, appendfsync: str | None = None):
         self.root = Path(root)
         self.port = free_port()
+        self.appendfsync = appendfsync
         self.process: subprocess.Popen | None = None
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
+    @property
+    def aof_dir(self) -> Path:
+        """Where Redis 7 keeps its multi-part AOF (a manifest, a base and incremental files)."""
+        return self.root / "appendonlydir"
+
+    def aof_mark(self) -> AofMark:
+        """How far the AOF reaches now: `crash_restart(back_to=...)` cuts it back to here."""
+        if self.appendfsync is None:
+            raise ServiceError("this Redis runs without an AOF")
+        latest = max(self.aof_dir.glob("*.incr.aof"), key=lambda path: int(path.name.split(".")[-3]))
+        return AofMark(latest, latest.stat().st_size)
+
     def start(self, timeout: float = 15.0) -> PrivateRedis:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        persistence = ["--appendonly", "no"]
+        if self.appendfsync is not None:
+            persistence = ["--appendonly", "yes", "--appendfsync", self.appendfsync]
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
                 "--dir", str(self.root), "--logfile", str(self.root / "redis.log")]
         try:
             self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -157,13 +187,14 @@ class PrivateRedis:
     def _answers(self) -> bool:
         import redis
 
-        try:
+        try:  # LOADING (an AOF being read back) is an error: not up yet
             return redis.Redis(port=self.port, socket_timeout=0.5).ping()
         except redis.RedisError:
             return False
 
     def stop(self) -> None:
-        """SHUTDOWN NOSAVE; kill -9 if it does not go."""
+        """SHUTDOWN NOSAVE (with AOF on, Redis still writes out and fsyncs the AOF first); kill -9
+        if it does not go."""
         if self.process is None or self.process.poll() is not None:
             return
         import redis
@@ -178,11 +209,29 @@ class PrivateRedis:
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """kill -9: nothing is written out. With appendfsync everysec, writes the OS had not yet
+        been handed may be lost (about the last second at most, usually nothing)."""
+        if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
 
     def restart(self, *, down_for: float = 2.0) -> None:
         self.stop()
+        time.sleep(down_for)
+        self.start()
+
+    def crash_restart(self, *, down_for: float = 2.0, back_to: AofMark | None = None) -> None:
+        """kill -9, then start again (reading the AOF back, if it is on). With `back_to`, the AOF
+        is first cut back to that mark: what a machine crash does to writes the OS had not yet
+        put on disk (with appendfsync everysec, those of about the last second). Redis reads a
+        file cut inside a command or a MULTI block back to its last whole command."""
+        self.kill()
+        if back_to is not None and back_to.path.exists() and back_to.path.stat().st_size > back_to.size:
+            with open(back_to.path, "r+b") as aof:
+                aof.truncate(back_to.size)
         time.sleep(down_for)
         self.start()
 

@@ -235,3 +235,27 @@ class WorkerHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"{self.hostname} (beat {self.beat_at:%H:%M:%S})"
+
+
+class OutboxStream(models.Model):
+    """A Redis stream the relay writes (`events.<aggregate_type>`) and the newest entry it knows it
+    wrote there, committed with the round that marked those events published. If that entry is
+    gone from the stream, the stream lost entries (a Redis restart without persistence, the AOF's
+    last second, a FLUSHALL) and the relay publishes the retained events again (sagas.streams)."""
+
+    name = models.CharField(max_length=200, primary_key=True)
+    aggregate_type = models.CharField(max_length=100)
+    last_entry_id = models.CharField(max_length=40, blank=True, help_text="empty: nothing written yet")
+    updated_at = models.DateTimeField()
+    # One relay at a time re-publishes a stream: it holds the stream until this time (renewed as it
+    # goes); one that dies leaves it to another after that.
+    recovery_lease_until = models.DateTimeField(null=True, blank=True)
+    recoveries = models.PositiveIntegerField(default=0, help_text="losses found and repaired")
+    republished = models.PositiveBigIntegerField(default=0, help_text="events published again after a loss")
+    last_recovered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name

@@ -4,28 +4,56 @@
     def publish(self, events: Sequence[OutboxEvent]) -> list[BaseException | None]
 
 returning one outcome per event, in order (None: published). It must not raise for a failed
-event; the relay backs that event off and, after too many tries, dead-letters it. Publishing
-is at least once: the relay may hand the same event over again after a crash, so consumers
-dedupe by `event.id`. A Kafka publisher would produce to topic `events.<aggregate_type>` keyed
-by `aggregate_id` and plug in through settings.OUTBOX_PUBLISHER without touching the relay.
+event; the relay backs that event off and, after too many tries, dead-letters it. An outcome
+that is a PublishDeferred is not a failure: the event is tried again a second later, no attempt
+counted. Publishing is at least once: the relay may hand the same event over again after a
+crash, so consumers dedupe by `event.id`. A Kafka publisher would produce to topic
+`events.<aggregate_type>` keyed by `aggregate_id` and plug in through settings.OUTBOX_PUBLISHER
+without touching the relay.
+
+A publisher may also have
+
+    def verify(self, *, force: bool = False) -> int
+
+which the relay calls outside its transaction at the start of each run and, with force=True,
+after a round in which the publisher deferred events: check that what was published is still
+there and publish again what was lost (returns how many events). Without force the publisher
+decides how often it really looks.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Sequence
 from functools import cache
 
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
+from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from sagas import streams
 from sagas.models import OutboxEvent
+
+log = logging.getLogger("sagas.outbox")
+
+
+class PublishDeferred(Exception):
+    """An event the publisher did not publish yet, through no fault of its own: try again soon."""
+
+
+class StreamLost(PublishDeferred):
+    """The Redis stream lost entries: its batch waits until the retained events are in it again."""
+
+
+STREAM_PREFIX = "events."
 
 
 def destination(event: OutboxEvent) -> str:
     """Routed by aggregate type, like Debezium's outbox EventRouter."""
-    return f"events.{event.aggregate_type}"
+    return f"{STREAM_PREFIX}{event.aggregate_type}"
 
 
 def message(event: OutboxEvent) -> dict[str, str]:
@@ -42,7 +70,12 @@ def message(event: OutboxEvent) -> dict[str, str]:
 
 
 class RedisStreamPublisher:
-    """XADD each event to the stream `events.<aggregate_type>`, capped near `maxlen` entries."""
+    """XADD each event to the stream `events.<aggregate_type>`, capped near `maxlen` entries, and
+    make sure a stream that lost entries gets them back (sagas.streams).
+
+    Per round: one SELECT of the streams' remembered entries, one pipelined round trip (a checked
+    append script per stream), and one upsert of the new remembered entries, in the relay's
+    transaction."""
 
     name = "redis-streams"
 
@@ -50,18 +83,49 @@ class RedisStreamPublisher:
         import redis
 
         self._redis = redis
-        self.client = redis.Redis.from_url(url or settings.REDIS_URL)
+        self.client = redis.Redis.from_url(url or settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=5)  # a frozen Redis fails the round, not the relay
         self.maxlen = maxlen or settings.OUTBOX_STREAM_MAXLEN
+        self._next_verify = 0.0  # time.monotonic() of the next unforced check
 
     def publish(self, events: Sequence[OutboxEvent]) -> list[BaseException | None]:
-        pipe = self.client.pipeline(transaction=False)
+        batches: dict[str, list[OutboxEvent]] = {}
         for event in events:
-            pipe.xadd(destination(event), message(event), maxlen=self.maxlen, approximate=True)
+            batches.setdefault(destination(event), []).append(event)
+        remembered = streams.positions(batches)
+        pipe = self.client.pipeline(transaction=False)
+        for stream, batch in batches.items():
+            streams.append(
+                pipe, stream=stream, last_entry_id=remembered.get(stream, ""), messages=[message(e) for e in batch], maxlen=self.maxlen
+            )
         try:
             results = pipe.execute(raise_on_error=False)
         except self._redis.RedisError as exc:
             return [exc] * len(events)
-        return [r if isinstance(r, BaseException) else None for r in results]
+        outcome: dict[str, BaseException | None] = {}
+        written: dict[str, tuple[str, str]] = {}
+        for (stream, batch), result in zip(batches.items(), results, strict=True):
+            if isinstance(result, BaseException):
+                outcome[stream] = result
+            elif (ids := streams.appended_ids(result)) is None:
+                outcome[stream] = StreamLost(f"{stream} no longer holds entry {remembered[stream]}")
+                log.warning("outbox_stream_lost stream=%s last_entry=%s: %s events deferred", stream, remembered[stream], len(batch))
+            else:
+                outcome[stream] = None
+                written[stream] = (batch[0].aggregate_type, ids[-1])
+        streams.positions_record(written, now=timezone.now())
+        return [outcome[destination(event)] for event in events]
+
+    def verify(self, *, force: bool = False) -> int:
+        """Look for streams that lost entries and publish the retained events to them again: when
+        forced, else at most every OUTBOX_STREAM_CHECK_INTERVAL seconds. Returns how many events."""
+        if not force and time.monotonic() < self._next_verify:
+            return 0
+        self._next_verify = time.monotonic() + settings.OUTBOX_STREAM_CHECK_INTERVAL
+        try:
+            return streams.streams_verify(self.client, maxlen=self.maxlen, batch_size=settings.OUTBOX_BATCH_SIZE)
+        except self._redis.RedisError as exc:
+            log.warning("outbox_stream_check_failed error=%s: checked again on a later run", exc)
+            return 0
 
 
 class ConsumerTaskPublisher:
@@ -99,6 +163,9 @@ class AllPublishers:
             for n, error in enumerate(publisher.publish(events)):
                 outcomes[n] = outcomes[n] or error
         return outcomes
+
+    def verify(self, *, force: bool = False) -> int:
+        return sum(publisher.verify(force=force) for publisher in self.publishers if hasattr(publisher, "verify"))
 
 
 @cache

@@ -7,7 +7,8 @@ relays running: event n+1 becomes claimable only once event n is committed as pu
 crash after publishing but before the commit republishes those events (at least once); an event
 committed out of sequence order is simply claimed by a later round. A failing event is retried
 with exponential backoff and jitter and, after settings.OUTBOX_MAX_ATTEMPTS, parked in the dead
-letter; it holds back only its own aggregate.
+letter; it holds back only its own aggregate. An event the publisher defers (a stream that lost
+entries is being repaired first, see sagas.streams) is simply tried again a second later.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ from django.utils import timezone
 
 from sagas.definition import Retry
 from sagas.models import OutboxEvent
+from sagas.publishers import PublishDeferred
 
 log = logging.getLogger("sagas.outbox")
+
+# A deferred event is claimable again after this long (no attempt counted).
+DEFER = timedelta(seconds=1)
 
 
 @dataclass
@@ -34,12 +39,16 @@ class RelayResult:
     failed: int = 0
     dead_lettered: int = 0
     rounds: int = 0
+    deferred: int = 0
+    republished: int = 0  # events published again because their stream lost them
 
     def __iadd__(self, other: RelayResult) -> RelayResult:
         self.published += other.published
         self.failed += other.failed
         self.dead_lettered += other.dead_lettered
         self.rounds += other.rounds
+        self.deferred += other.deferred
+        self.republished += other.republished
         return self
 
 
@@ -70,13 +79,17 @@ def claimable(now: datetime):
 def outbox_relay(*, publisher, batch_size: int | None = None, time_budget: float | None = None) -> RelayResult:
     """Publish rounds of due events until a round finds none or `time_budget` seconds have passed.
     Each round takes at most one event per aggregate (its head), so an aggregate with n waiting
-    events needs n rounds."""
+    events needs n rounds. A publisher that can `verify` what it published is asked to first (it
+    decides how often it looks), and again after a round in which it deferred events."""
     batch_size = batch_size or settings.OUTBOX_BATCH_SIZE
     budget_end = time.monotonic() + (time_budget if time_budget is not None else settings.OUTBOX_RELAY_TIME_BUDGET)
-    total = RelayResult()
+    verify = getattr(publisher, "verify", None)
+    total = RelayResult(republished=verify() if verify else 0)
     policy = backoff_policy()
     while True:
         result, claimed = _relay_round(publisher=publisher, batch_size=batch_size, policy=policy, now=timezone.now())
+        if result.deferred and verify:
+            result.republished += verify(force=True)
         total += result
         if claimed == 0 or time.monotonic() >= budget_end:
             return total
@@ -89,11 +102,18 @@ def _relay_round(*, publisher, batch_size: int, policy: Retry, now: datetime) ->
         if not events:
             return result, 0
         outcomes = publisher.publish(events)
+        # When the publisher confirmed, not when the round began: a stream's recovery re-publishes
+        # events by this time (sagas.streams), so it must not be earlier than the publication.
+        published_at = timezone.now()
         published = [event.pk for event, error in zip(events, outcomes, strict=True) if error is None]
-        OutboxEvent.objects.filter(pk__in=published).update(published_at=now)
+        OutboxEvent.objects.filter(pk__in=published).update(published_at=published_at)
         result.published = len(published)
+        deferred = [event.pk for event, error in zip(events, outcomes, strict=True) if isinstance(error, PublishDeferred)]
+        if deferred:
+            OutboxEvent.objects.filter(pk__in=deferred).update(next_attempt_at=now + DEFER)
+            result.deferred = len(deferred)
         for event, error in zip(events, outcomes, strict=True):
-            if error is not None:
+            if error is not None and not isinstance(error, PublishDeferred):
                 _record_failure(event, error, policy=policy, now=now, result=result)
     return result, len(events)
 

@@ -10,6 +10,7 @@ from sagas.models import (
     ConsumerDelivery,
     InboxMessage,
     OutboxEvent,
+    OutboxStream,
     SagaInstance,
     SagaState,
     StepExecution,
@@ -82,17 +83,19 @@ def outbox_repeated_events(*, aggregate_type: str, event_types) -> list[tuple[st
     )
 
 
-def outbox_stream_gaps(*, published_after, client=None) -> dict:
-    """Against the Redis streams (settings.REDIS_URL): the events published after
-    `published_after` that are missing from their stream `events.<aggregate_type>`, and how many
-    stream entries repeat an event (at least once: consumers dedupe by id). Events published
-    earlier are not checked (a Redis restart without persistence loses a stream's entries)."""
+def outbox_stream_gaps(*, published_after=None, client=None) -> dict:
+    """Against the Redis streams (settings.REDIS_URL): the published events (all of them, or those
+    published after `published_after`) missing from their stream `events.<aggregate_type>`, and
+    how many stream entries repeat an event (at least once: consumers dedupe by id)."""
     import redis
 
     from sagas.publishers import destination
 
     client = client or redis.Redis.from_url(settings.REDIS_URL)
-    expected = OutboxEvent.objects.filter(published_at__gt=published_after).only("id", "aggregate_type")
+    expected = OutboxEvent.objects.filter(published_at__isnull=False)
+    if published_after is not None:
+        expected = expected.filter(published_at__gt=published_after)
+    expected = list(expected.only("id", "aggregate_type"))
     streams = {destination(event) for event in expected}
     seen: dict[str, int] = {}
     for stream in streams:
@@ -101,6 +104,13 @@ def outbox_stream_gaps(*, published_after, client=None) -> dict:
             seen[event_id] = seen.get(event_id, 0) + 1
     missing = [str(event.id) for event in expected if str(event.id) not in seen]
     return {"checked": len(expected), "missing": missing, "repeated_entries": sum(n - 1 for n in seen.values())}
+
+
+def outbox_stream_recoveries() -> dict[str, int]:
+    """How often the relay found a Redis stream that had lost entries, and how many events it
+    published again to repair them (sagas.streams)."""
+    totals = OutboxStream.objects.aggregate(recoveries=Sum("recoveries"), republished=Sum("republished"))
+    return {"recoveries": totals["recoveries"] or 0, "republished": totals["republished"] or 0}
 
 
 def saga_recovery_counts(sagas=None) -> dict[str, int]:

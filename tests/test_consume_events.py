@@ -1,5 +1,7 @@
 """manage.py consume_events: a consumer group over an outbox stream."""
 
+import threading
+import time
 import uuid
 from io import StringIO
 
@@ -7,7 +9,7 @@ import pytest
 import redis
 from django.conf import settings
 from django.core.management import call_command
-from django.db import transaction
+from django.db import connection, transaction
 
 from sagas.models import InboxMessage
 from sagas.outbox import outbox_emit
@@ -95,3 +97,31 @@ def test_a_message_that_keeps_failing_is_retried_then_dead_lettered_without_stal
     [(_, dead)] = client.xrange(f"events.{stream}.dead-letter")
     client.delete(f"events.{stream}.dead-letter")
     assert b"the handler failed" in dead[b"error"]
+
+
+def test_a_consumer_whose_stream_redis_lost_creates_its_group_again_and_dedupes_what_is_published_again(stream):
+    publish(stream, 2)
+    out = StringIO()
+
+    def consumer():
+        try:
+            call_command(
+                "consume_events", "--stream", f"events.{stream}", "--group", "g6", "--handler", "test-recorder",
+                "--block", "100", "--idle-exit", "3", stdout=out,
+            )
+        finally:
+            connection.close()
+
+    running = threading.Thread(target=consumer)
+    running.start()
+    deadline = time.monotonic() + 10
+    while InboxMessage.objects.filter(consumer="test-recorder").count() < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    redis.Redis.from_url(settings.REDIS_URL).delete(f"events.{stream}")  # Redis restarted without persistence
+    publish(stream, 1)  # the relay finds the loss, publishes the two again, then the new one
+    running.join(30)
+
+    output = out.getvalue()
+    assert "lost its group g6" in output
+    assert output.count("duplicate (inbox)") == 2 and output.count(" handled") == 3
+    assert Effect.objects.count() == 3

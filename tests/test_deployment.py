@@ -372,29 +372,68 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _start_compose_redis(service: dict, port: int, data_dir: Path) -> subprocess.Popen:
+    """The compose file's Redis command on a private port, its data in `data_dir` (the volume)."""
+    command = [interpolate(str(arg), COMPOSE_SECRETS) for arg in service["command"]]
+    server = subprocess.Popen(
+        [*command, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir)],
+        cwd=data_dir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, password=COMPOSE_SECRETS["REDIS_PASSWORD"], socket_timeout=0.5)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            client.ping()  # LOADING (the AOF being read back) is an error too
+            break
+        except redis.RedisError:
+            time.sleep(0.05)
+    return server
+
+
 @pytest.fixture
 def compose_redis(compose, tmp_path):
     """The compose file's Redis command, run here on a private port; yields (port, redis service)."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
     service = compose["services"]["redis"]
-    command = [interpolate(str(arg), COMPOSE_SECRETS) for arg in service["command"]]
     port = _free_port()
-    server = subprocess.Popen(
-        [*command, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = _start_compose_redis(service, port, tmp_path)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
         yield port, service
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_compose_redis_keeps_its_data_in_an_append_only_file_fsynced_every_second_on_a_volume(compose):
+    redis_service = compose["services"]["redis"]
+    command = [str(arg) for arg in redis_service["command"]]
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in redis_service.get("volumes", [])}
+
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "everysec"
+    assert "/data" in mounts, "the redis:7 image keeps its files in /data: without a volume a new container starts empty"
+    assert mounts["/data"] in compose.get("volumes", {}), "a named volume declared in the file"
+
+
+def test_the_compose_redis_keeps_a_stream_entry_when_killed_and_started_again(compose, tmp_path):
+    # What the event streams rely on: an entry older than a second is on disk when Redis dies.
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    service, port = compose["services"]["redis"], _free_port()
+    client = redis.Redis(port=port, password=COMPOSE_SECRETS["REDIS_PASSWORD"], socket_timeout=2)
+    server = _start_compose_redis(service, port, tmp_path)
+    try:
+        entry_id = client.xadd("events.order", {"id": "e-1"})
+        time.sleep(1.5)  # appendfsync everysec
+
+        server.kill()  # kill -9: no shutdown, nothing written out
+        server.wait(10)
+        server = _start_compose_redis(service, port, tmp_path)
+
+        assert client.xrange("events.order") == [(entry_id, {b"id": b"e-1"})]
     finally:
         server.terminate()
         server.wait(10)

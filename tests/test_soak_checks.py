@@ -124,3 +124,27 @@ def test_units_that_left_stock_without_a_committed_reservation_break_the_stock_l
         f"{product.sku}: 95 on hand + 0 committed != 100 at the start"
     ]
     assert stock_ledger_violations(initial_on_hand={product.sku: 95}) == []
+
+
+@pytest.mark.services(reason="reads a Redis stream")
+def test_the_stream_check_sees_an_event_published_long_before_the_redis_restart_missing_from_its_stream():
+    import uuid
+
+    from perf.chaos_checks import _stream_check
+    from sagas.publishers import RedisStreamPublisher
+    from sagas.relay import outbox_relay
+
+    aggregate_type = f"crate{uuid.uuid4().hex[:8]}"
+    with transaction.atomic():
+        events = [outbox_emit(aggregate_type=aggregate_type, aggregate_id="a", event_type=f"E{n}", payload={}) for n in range(3)]
+    publisher = RedisStreamPublisher(settings.REDIS_URL)
+    outbox_relay(publisher=publisher)
+    OutboxEvent.objects.filter(pk=events[0].pk).update(published_at=timezone.now() - timedelta(days=1))
+    [(first_entry, _), *_] = publisher.client.xrange(f"events.{aggregate_type}")
+    publisher.client.xdel(f"events.{aggregate_type}", first_entry)  # lost, long after it was published
+
+    check = _stream_check()
+    publisher.client.delete(f"events.{aggregate_type}")
+
+    assert check.checked == 3
+    assert check.violations == [f"event {events[0].id} is missing from its stream"]

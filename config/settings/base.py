@@ -288,6 +288,9 @@ OUTBOX_RETRY_BACKOFF = env_float("OUTBOX_RETRY_BACKOFF", 1.0)
 OUTBOX_RETRY_MAX_DELAY = env_float("OUTBOX_RETRY_MAX_DELAY", 300.0)
 OUTBOX_RETENTION_HOURS = env_int("OUTBOX_RETENTION_HOURS", 168)
 OUTBOX_STREAM_MAXLEN = env_int("OUTBOX_STREAM_MAXLEN", 1_000_000)
+# How often (s, per relay process) the relay checks, even with nothing to publish, that each Redis
+# stream still holds the last entry it wrote; a stream that lost entries gets them back (sagas.streams).
+OUTBOX_STREAM_CHECK_INTERVAL = env_float("OUTBOX_STREAM_CHECK_INTERVAL", 5.0)
 # Events a consumer has not handled this many seconds after publication are delivered again
 # (lost messages, exhausted retries), for as long as the window lasts.
 CONSUMER_REDELIVER_AFTER = env_int("CONSUMER_REDELIVER_AFTER", 60)

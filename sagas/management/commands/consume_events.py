@@ -8,7 +8,9 @@ longer than --claim-idle ms are claimed (XAUTOCLAIM) and handled here. With --ha
 message runs that registered sagas.consumers subscription behind its inbox (a redelivery is a
 no-op); without, it is only shown. A message whose handling fails stays pending and is retried
 by a later reclaim; after --max-deliveries it is copied to `<stream>.dead-letter` and acked, so
-one bad message cannot stall the stream.
+one bad message cannot stall the stream. A group lives inside its stream: if Redis lost the
+stream (a restart without persistence), the group is created again from the stream's start, and
+the events the relay publishes again are read once more (the inbox makes them no-ops).
 """
 
 import os
@@ -45,27 +47,32 @@ class Command(BaseCommand):
         if not settings.REDIS_URL:
             raise CommandError("REDIS_URL is not set: the event streams live in Redis")
         client = redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
-        try:
-            client.xgroup_create(stream, group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        _group_create(client, stream, group)
         self.stdout.write(f"consuming {stream} as {group}/{consumer}" + (f", handler {handler}" if handler else ""))
         handled, last_claim, last_message, claim_cursor = 0, 0.0, time.monotonic(), "0-0"
         while max_messages is None or handled < max_messages:
             entries = []
-            if time.monotonic() - last_claim >= claim_every:
-                claim_cursor, claimed, *_ = client.xautoclaim(
-                    stream, group, consumer, min_idle_time=claim_idle, start_id=claim_cursor, count=batch
-                )
-                entries = [(entry_id, fields) for entry_id, fields in claimed if fields]
-                if claim_cursor == "0-0":  # the scan wrapped: wait for the next pass
-                    last_claim = time.monotonic()
-                if entries:
-                    self.stdout.write(f"reclaimed {len(entries)} message(s) left pending by another consumer")
-            if not entries:
-                response = client.xreadgroup(group, consumer, {stream: ">"}, count=batch, block=block)
-                entries = response[0][1] if response else []
+            try:
+                if time.monotonic() - last_claim >= claim_every:
+                    claim_cursor, claimed, *_ = client.xautoclaim(
+                        stream, group, consumer, min_idle_time=claim_idle, start_id=claim_cursor, count=batch
+                    )
+                    entries = [(entry_id, fields) for entry_id, fields in claimed if fields]
+                    if claim_cursor == "0-0":  # the scan wrapped: wait for the next pass
+                        last_claim = time.monotonic()
+                    if entries:
+                        self.stdout.write(f"reclaimed {len(entries)} message(s) left pending by another consumer")
+                if not entries:
+                    response = client.xreadgroup(group, consumer, {stream: ">"}, count=batch, block=block)
+                    entries = response[0][1] if response else []
+            except redis.ResponseError as exc:
+                # NOGROUP: the stream (and the group in it) is gone; UNBLOCKED: it went while we waited.
+                if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                    raise
+                self.stdout.write(f"{stream} lost its group {group} (Redis lost the stream): creating it again from the start")
+                _group_create(client, stream, group)
+                claim_cursor = "0-0"
+                continue
             if not entries:
                 if idle_exit is not None and time.monotonic() - last_message >= idle_exit:
                     break
@@ -102,3 +109,12 @@ class Command(BaseCommand):
             ConsumedEvent.from_message(fields)  # a malformed message fails here, before the ack
             return "shown"
         return "handled" if consume(consumer=handler, message=fields) else "duplicate (inbox)"
+
+
+def _group_create(client, stream: str, group: str) -> None:
+    """The consumer group at the start of the stream (created empty if need be), unless it exists."""
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
