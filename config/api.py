@@ -66,6 +66,7 @@ class HealthOutputSerializer(serializers.Serializer):
     sagas = serializers.DictField(required=False)
     outbox = serializers.DictField(required=False, allow_null=True)
     rejected_messages_24h = serializers.IntegerField(required=False, allow_null=True)
+    parked_deliveries_24h = serializers.IntegerField(required=False, allow_null=True)
 
 
 class HealthRateThrottle(AnonRateThrottle):

@@ -67,7 +67,7 @@ def run_checks(*, timeout: float) -> dict[str, Outcome]:
 def _database_facts(timeout: float) -> dict:
     """The database answers; and the facts kept there: workers, sagas, outbox, rejected messages."""
     from sagas.heartbeat import workers_live
-    from sagas.models import ACTIVE_STATES, RejectedMessage, SagaInstance, SagaState
+    from sagas.models import ACTIVE_STATES, ParkedDelivery, RejectedMessage, SagaInstance, SagaState
     from sagas.selectors import outbox_stats
     from sagas.versions import versions_in_use
 
@@ -85,6 +85,7 @@ def _database_facts(timeout: float) -> dict:
                 "sagas_without_definition": missing,
                 "outbox": outbox_stats(now=now),
                 "rejected_messages_24h": RejectedMessage.objects.filter(received_at__gte=now - timedelta(hours=24)).count(),
+                "parked_deliveries_24h": ParkedDelivery.objects.filter(parked_at__gte=now - timedelta(hours=24)).count(),
             }
     finally:
         connection.close()  # this thread's own connection
@@ -156,4 +157,5 @@ def details(outcomes: dict[str, Outcome], reasons: list[str]) -> dict:
         "sagas": {key: facts[key] for key in ("overdue_sagas", "failed_sagas", "sagas_without_definition") if key in facts},
         "outbox": facts.get("outbox"),
         "rejected_messages_24h": facts.get("rejected_messages_24h"),
+        "parked_deliveries_24h": facts.get("parked_deliveries_24h"),
     }

@@ -6,7 +6,16 @@ from config.api import HealthApi, TokenApi
 from config.schema_views import SchemaView, SwaggerDocsView
 from inventory.api import ProductListApi
 from orders.api import OrderCancelApi, OrderDetailApi, OrderListCreateApi
-from sagas.api import DeadLetterListApi, OutboxReplayApi, SagaAbortApi, SagaDetailApi, SagaListApi, SagaRetryApi
+from sagas.api import (
+    DeadLetterListApi,
+    OutboxReplayApi,
+    ParkedDeliveryListApi,
+    ParkedDeliveryReplayApi,
+    SagaAbortApi,
+    SagaDetailApi,
+    SagaListApi,
+    SagaRetryApi,
+)
 
 api = [
     path("auth/token/", TokenApi.as_view(), name="api-token"),
@@ -21,6 +30,8 @@ api = [
     path("sagas/<uuid:saga_id>/abort/", SagaAbortApi.as_view(), name="api-saga-abort"),
     path("outbox/dead-letter/", DeadLetterListApi.as_view(), name="api-outbox-dead-letter"),
     path("outbox/<uuid:event_id>/replay/", OutboxReplayApi.as_view(), name="api-outbox-replay"),
+    path("consumers/parked/", ParkedDeliveryListApi.as_view(), name="api-consumers-parked"),
+    path("consumers/parked/<int:parked_id>/replay/", ParkedDeliveryReplayApi.as_view(), name="api-consumers-parked-replay"),
     path("schema/", SchemaView.as_view(), name="api-schema"),
     path("docs/", SwaggerDocsView.as_view(url_name="api-schema"), name="api-docs"),
 ]

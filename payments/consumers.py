@@ -16,8 +16,30 @@ def charge_key(order_id: str) -> str:
     return f"{order_id}:payment"
 
 
+UNCONFIRMED = "the payment could not be confirmed; any charge made was refunded"
+
+
+def settle_uncertain_charge(event: ConsumedEvent, reason: str) -> None:
+    """When payments gives up on an order (every answer of the provider was lost, say), the charge
+    may have gone through: find it by its key and refund it, then tell the order it failed. In
+    the transaction that parks the event. A given-up refund (ORDER_CANCELLED) is left parked for
+    an operator: there is nothing to settle without knowing why it failed."""
+    if event.type != "ORDER_CREATED":
+        return
+    order_id = event.payload["order_id"]
+    now = timezone.now()
+    payment_refund(idempotency_key=charge_key(order_id), reference=order_id, now=now)
+    outbox_emit(
+        aggregate_type="order",
+        aggregate_id=order_id,
+        event_type="PAYMENT_FAILED",
+        payload={"order_id": order_id, "reason": UNCONFIRMED, "flow": CHOREOGRAPHED},
+        now=now,
+    )
+
+
 # Orchestrated orders are charged and refunded by their saga's own step: not sent here.
-@subscribe("payments", events=["ORDER_CREATED", "ORDER_CANCELLED"], where={"flow": CHOREOGRAPHED})
+@subscribe("payments", events=["ORDER_CREATED", "ORDER_CANCELLED"], where={"flow": CHOREOGRAPHED}, on_give_up=settle_uncertain_charge)
 def on_order_event(event: ConsumedEvent) -> None:
     order_id = event.payload["order_id"]
     now = timezone.now()

@@ -24,6 +24,7 @@ from sagas.models import (
     Fault,
     InboxMessage,
     OutboxEvent,
+    ParkedDelivery,
     RejectedMessage,
     SagaInstance,
     SagaState,
@@ -31,7 +32,8 @@ from sagas.models import (
     StepState,
     WorkerHeartbeat,
 )
-from sagas.permissions import ABORT_SAGA, REPLAY_OUTBOX_EVENT, RETRY_SAGA
+from sagas.consumers import consumer_replay
+from sagas.permissions import ABORT_SAGA, REPLAY_OUTBOX_EVENT, REPLAY_PARKED_DELIVERY, RETRY_SAGA
 from sagas.relay import outbox_replay
 from sagas.selectors import outbox_stats, saga_timeline
 from sagas.services import saga_abort, saga_retry_compensation
@@ -256,6 +258,28 @@ class RejectedMessageAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["received_at", "queue", "task", "reason"]
     list_filter = ["queue", "task"]
     search_fields = ["reason", "body"]
+
+
+@admin.register(ParkedDelivery)
+class ParkedDeliveryAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    """Events a consumer gave up on: parked once and settled; replay sends one again."""
+
+    list_display = ["parked_at", "consumer", "event_type", "aggregate_id", "settled", "reason"]
+    list_filter = ["consumer", "event_type", "settled"]
+    search_fields = ["event_id", "aggregate_id", "reason"]
+    actions = ["replay"]
+
+    def has_replay_permission(self, request) -> bool:
+        return request.user.has_perm(REPLAY_PARKED_DELIVERY)
+
+    @admin.action(description="Replay to the consumer", permissions=["replay"])
+    def replay(self, request, queryset: QuerySet[ParkedDelivery]) -> None:
+        for parked in queryset:
+            try:
+                consumer_replay(parked=parked)
+                self.message_user(request, f"{parked.consumer}: {parked.event_type} {parked.event_id} sent again")
+            except OutboxEvent.DoesNotExist:
+                self.message_user(request, f"{parked.event_id}: no longer retained; not replayed", level=messages.WARNING)
 
 
 @admin.register(WorkerHeartbeat)

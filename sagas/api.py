@@ -10,8 +10,18 @@ from rest_framework.views import APIView
 
 from config.schema import error
 from sagas.exceptions import SagaStateConflict, UnknownSagaDefinition
-from sagas.models import OutboxEvent, SagaInstance, SagaState
-from sagas.permissions import ABORT_SAGA, REPLAY_OUTBOX_EVENT, RETRY_SAGA, VIEW_OUTBOX_EVENT, VIEW_SAGA, staff_with
+from sagas.consumers import consumer_replay
+from sagas.models import OutboxEvent, ParkedDelivery, SagaInstance, SagaState
+from sagas.permissions import (
+    ABORT_SAGA,
+    REPLAY_OUTBOX_EVENT,
+    REPLAY_PARKED_DELIVERY,
+    RETRY_SAGA,
+    VIEW_OUTBOX_EVENT,
+    VIEW_PARKED_DELIVERY,
+    VIEW_SAGA,
+    staff_with,
+)
 from sagas.relay import outbox_replay
 from sagas.selectors import saga_timeline
 from sagas.services import saga_abort, saga_retry_compensation
@@ -151,3 +161,42 @@ class OutboxReplayApi(APIView):
             return Response({"detail": f"event {event.id} is not in the dead letter"}, status=status.HTTP_409_CONFLICT)
         event.refresh_from_db()
         return Response(OutboxEventOutputSerializer(event).data, status=status.HTTP_202_ACCEPTED)
+
+
+class ParkedDeliveryOutputSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    consumer = serializers.CharField()
+    event_id = serializers.UUIDField()
+    event_type = serializers.CharField()
+    aggregate_type = serializers.CharField()
+    aggregate_id = serializers.CharField()
+    reason = serializers.CharField()
+    parked_at = serializers.DateTimeField()
+    settled = serializers.BooleanField(help_text="the consumer's settlement (on_give_up) ran when it gave up")
+
+
+class ParkedDeliveryListApi(ListAPIView):
+    """Staff: events a consumer gave up on (parked once, settled, not sent again unless replayed)."""
+
+    permission_classes = [staff_with(VIEW_PARKED_DELIVERY)]
+    serializer_class = ParkedDeliveryOutputSerializer
+
+    def get_queryset(self):
+        return ParkedDelivery.objects.order_by("-parked_at", "-id")
+
+
+class ParkedDeliveryReplayApi(APIView):
+    """Staff: deliver a parked event to its consumer again with a fresh budget (202); 409 when the
+    event is no longer retained in the outbox."""
+
+    permission_classes = [staff_with(VIEW_PARKED_DELIVERY, REPLAY_PARKED_DELIVERY)]
+
+    @extend_schema(request=None, responses={202: ParkedDeliveryOutputSerializer, 409: error("The event is no longer retained.")})
+    def post(self, request, parked_id):
+        parked = get_object_or_404(ParkedDelivery, pk=parked_id)
+        data = ParkedDeliveryOutputSerializer(parked).data
+        try:
+            consumer_replay(parked=parked)
+        except OutboxEvent.DoesNotExist:
+            return Response({"detail": f"event {parked.event_id} is no longer retained; it cannot be replayed"}, status=status.HTTP_409_CONFLICT)
+        return Response(data, status=status.HTTP_202_ACCEPTED)

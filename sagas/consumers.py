@@ -24,7 +24,7 @@ from django.db.models import Exists, F, OuterRef, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from sagas.models import ConsumerDelivery, InboxMessage, OutboxEvent
+from sagas.models import ConsumerDelivery, InboxMessage, OutboxEvent, ParkedDelivery
 
 log = logging.getLogger("sagas.consumers")
 
@@ -56,6 +56,9 @@ class ConsumedEvent:
 Handler = Callable[[ConsumedEvent], None]
 
 
+GiveUp = Callable[[ConsumedEvent, str], None]
+
+
 @dataclass(frozen=True)
 class Subscription:
     consumer: str
@@ -63,6 +66,11 @@ class Subscription:
     handler: Handler
     # Payload fields an event must have, with these values, to be delivered to this consumer.
     where: Mapping[str, Any] = field(default_factory=dict)
+    # Called as on_give_up(event, reason) when the consumer gives up on an event, in the
+    # transaction that parks it: settle what the handler may have left half done (a charge whose
+    # answer was lost: refund it by its key, tell the others). Raising leaves the event unparked,
+    # to be delivered and given up on again later.
+    on_give_up: GiveUp | None = None
 
     def wants(self, event_type: str, payload: Mapping[str, Any]) -> bool:
         return event_type in self.events and all(payload.get(key) == value for key, value in self.where.items())
@@ -75,16 +83,18 @@ class Subscription:
 _subscriptions: dict[str, Subscription] = {}
 
 
-def subscribe(consumer: str, *, events: Iterable[str], where: Mapping[str, Any] | None = None) -> Callable[[Handler], Handler]:
+def subscribe(
+    consumer: str, *, events: Iterable[str], where: Mapping[str, Any] | None = None, on_give_up: GiveUp | None = None
+) -> Callable[[Handler], Handler]:
     """Register `handler` as consumer `consumer` of these event types (one handler per consumer),
     optionally only of events whose payload has the fields in `where` with those values: other
-    events are never sent to it (no task, no inbox row)."""
+    events are never sent to it (no task, no inbox row). `on_give_up`: see Subscription."""
 
     def register(handler: Handler) -> Handler:
         existing = _subscriptions.get(consumer)
         if existing is not None and existing.handler.__qualname__ != handler.__qualname__:
             raise ValueError(f"consumer {consumer!r} is already registered to {existing.handler.__qualname__}")
-        _subscriptions[consumer] = Subscription(consumer, frozenset(events), handler, dict(where or {}))
+        _subscriptions[consumer] = Subscription(consumer, frozenset(events), handler, dict(where or {}), on_give_up)
         return handler
 
     return register
@@ -136,22 +146,66 @@ def consume(
     if not subscription.wants(event.type, event.payload):
         return False  # e.g. consume_events --handler reading a stream that carries other types too
     if max_deliveries is not None and _count_delivery(consumer, event.id) > max_deliveries:
-        log.error(
-            "consume_given_up consumer=%s event=%s type=%s: delivered more than %s times without finishing",
-            consumer, event.id, event.type, max_deliveries,
+        consumer_give_up(
+            consumer=consumer, message=message, reason=f"delivered more than {max_deliveries} times without finishing", now=now
         )
         return False
+    try:
+        with transaction.atomic():
+            try:
+                with transaction.atomic():
+                    InboxMessage.objects.create(
+                        consumer=consumer, event_id=event.id, event_type=event.type, received_at=now or timezone.now()
+                    )
+            except IntegrityError:
+                log.info("inbox_duplicate consumer=%s event=%s type=%s", consumer, event.id, event.type)
+                return False
+            subscription.handler(event)
+    except Exception:
+        if max_deliveries is not None:
+            _uncount_delivery(consumer, event.id)  # it finished, with an error: retries have their own budget
+        raise
+    return True
+
+
+def consumer_give_up(*, consumer: str, message: Mapping[str, str], reason: str, now: datetime | None = None) -> bool:
+    """Give up on this event for this consumer, once: park it (ParkedDelivery), write its inbox row
+    (so neither a late delivery nor the redelivery sweep runs the handler again) and run the
+    consumer's on_give_up settlement, all in one transaction. False when the event was handled
+    or given up on already (the inbox row is the lock: a handler still running holds it).
+    Raises what on_give_up raises; then nothing is parked."""
+    subscription = _subscriptions[consumer]
+    event = ConsumedEvent.from_message(message)
+    now = now or timezone.now()
     with transaction.atomic():
         try:
             with transaction.atomic():
-                InboxMessage.objects.create(
-                    consumer=consumer, event_id=event.id, event_type=event.type, received_at=now or timezone.now()
-                )
+                InboxMessage.objects.create(consumer=consumer, event_id=event.id, event_type=event.type, received_at=now)
         except IntegrityError:
-            log.info("inbox_duplicate consumer=%s event=%s type=%s", consumer, event.id, event.type)
             return False
-        subscription.handler(event)
+        ParkedDelivery.objects.create(
+            consumer=consumer, event_id=event.id, event_type=event.type, aggregate_type=event.aggregate_type,
+            aggregate_id=event.aggregate_id, reason=reason[:2000], parked_at=now, settled=subscription.on_give_up is not None,
+        )
+        if subscription.on_give_up is not None:
+            subscription.on_give_up(event, reason)
+    log.error(
+        "consume_given_up consumer=%s event=%s type=%s aggregate=%s:%s settled=%s: %s",
+        consumer, event.id, event.type, event.aggregate_type, event.aggregate_id, subscription.on_give_up is not None, reason,
+    )
     return True
+
+
+def consumer_replay(*, parked: ParkedDelivery) -> None:
+    """Deliver a parked event to its consumer again with a fresh budget (after the cause was
+    fixed). Raises OutboxEvent.DoesNotExist when the event is no longer retained."""
+    event = OutboxEvent.objects.get(id=parked.event_id)
+    with transaction.atomic():
+        InboxMessage.objects.filter(consumer=parked.consumer, event_id=parked.event_id).delete()
+        ConsumerDelivery.objects.filter(consumer=parked.consumer, event_id=parked.event_id).delete()
+        parked.delete()
+        transaction.on_commit(lambda: _send(parked.consumer, event))
+    log.warning("consume_replayed consumer=%s event=%s type=%s", parked.consumer, event.id, event.event_type)
 
 
 def _count_delivery(consumer: str, event_id: str) -> int:
@@ -162,6 +216,10 @@ def _count_delivery(consumer: str, event_id: str) -> int:
         row.save(update_fields=["deliveries"])
         row.refresh_from_db(fields=["deliveries"])
     return row.deliveries
+
+
+def _uncount_delivery(consumer: str, event_id: str) -> None:
+    ConsumerDelivery.objects.filter(consumer=consumer, event_id=event_id, deliveries__gt=0).update(deliveries=F("deliveries") - 1)
 
 
 def consumers_redeliver(*, now: datetime, min_age: timedelta, window: timedelta, limit: int = 500) -> int:

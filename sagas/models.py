@@ -259,3 +259,26 @@ class OutboxStream(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class ParkedDelivery(models.Model):
+    """An event a consumer gave up on (its handler kept failing, refused it, or killed its worker
+    every time): parked once, with the consumer's settlement run (Subscription.on_give_up), and
+    not sent again unless an operator replays it. Its inbox row was written with it."""
+
+    consumer = models.CharField(max_length=100)
+    event_id = models.UUIDField()
+    event_type = models.CharField(max_length=100)
+    aggregate_type = models.CharField(max_length=100)
+    aggregate_id = models.CharField(max_length=100)
+    reason = models.TextField()
+    parked_at = models.DateTimeField(db_index=True)
+    settled = models.BooleanField(default=False, help_text="the consumer's on_give_up settlement ran")
+
+    class Meta:
+        ordering = ["-parked_at", "-id"]
+        constraints = [models.UniqueConstraint(fields=["consumer", "event_id"], name="parked_once_per_consumer")]
+        permissions = [("replay_parkeddelivery", "Can replay a parked consumer delivery")]
+
+    def __str__(self) -> str:
+        return f"{self.consumer} gave up on {self.event_type} {self.event_id}"

@@ -14,6 +14,8 @@ RETRY_SAGA = "sagas.retry_saga"
 ABORT_SAGA = "sagas.abort_saga"
 VIEW_OUTBOX_EVENT = "sagas.view_outboxevent"
 REPLAY_OUTBOX_EVENT = "sagas.replay_outboxevent"
+VIEW_PARKED_DELIVERY = "sagas.view_parkeddelivery"
+REPLAY_PARKED_DELIVERY = "sagas.replay_parkeddelivery"
 
 
 def staff_with(*permissions: str) -> type[BasePermission]:

@@ -144,10 +144,12 @@ def outbox_cleanup() -> int:
     return relay.outbox_cleanup()
 
 
-@shared_task(base=EngineTask, bind=True, name="sagas.consume_event", acks_late=True, reject_on_worker_lost=True, max_retries=8, **INFRASTRUCTURE_RETRY)
+@shared_task(base=EngineTask, bind=True, name="sagas.consume_event", acks_late=True, reject_on_worker_lost=True, max_retries=None, **INFRASTRUCTURE_RETRY)
 def consume_event(self, *, consumer: str, message: dict, redelivery: bool = False) -> None:
-    """One event for one consumer, behind its inbox. A failing handler is retried with backoff; a
-    business failure is not. What still fails is sent again by sagas.consumers_redeliver."""
+    """One event for one consumer, behind its inbox. A failing handler is retried with backoff
+    (CONSUMER_MAX_RETRIES times), a business refusal is not; then the consumer gives up on the
+    event once (parked, settled by its on_give_up). `redelivery`: sent again by the sweep after
+    its message was lost."""
     problem = consumers.message_problem(consumer=consumer, message=message)
     if problem:
         raise self.refuse(problem)
@@ -156,12 +158,14 @@ def consume_event(self, *, consumer: str, message: dict, redelivery: bool = Fals
     except (OperationalError, InterfaceError):
         raise
     except BusinessError as exc:
-        log.error("consume_refused consumer=%s event=%s type=%s: %s", consumer, message.get("id"), message.get("type"), exc)
-    except Exception as exc:  # noqa: BLE001 - the boundary around user handlers: retried, then logged
-        if redelivery or self.request.retries >= self.max_retries:
-            log.error("consume_failed consumer=%s event=%s: %s (the redelivery sweep tries again)", consumer, message.get("id"), exc)
-            raise
-        raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
+        consumers.consumer_give_up(consumer=consumer, message=message, reason=f"refused: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - the boundary around user handlers: retried, then given up on
+        tries = self.request.retries + 1
+        if tries > settings.CONSUMER_MAX_RETRIES:
+            consumers.consumer_give_up(consumer=consumer, message=message, reason=f"failed {tries} times: {type(exc).__name__}: {exc}")
+            return
+        countdown = min(settings.CONSUMER_RETRY_MAX_DELAY, 2 ** self.request.retries)
+        raise self.retry(exc=exc, countdown=countdown, max_retries=None) from exc
 
 
 @shared_task(base=EngineTask, name="sagas.consumers_redeliver", acks_late=True, ignore_result=True, **INFRASTRUCTURE_RETRY)

@@ -35,6 +35,8 @@ OPERATOR_PERMISSIONS = (
     "sagas.abort_saga",
     "sagas.view_outboxevent",
     "sagas.replay_outboxevent",
+    "sagas.view_parkeddelivery",
+    "sagas.replay_parkeddelivery",
 )
 
 

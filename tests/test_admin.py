@@ -23,13 +23,14 @@ from orders.admin import OrderAdmin
 from orders.models import Order, OrderStatus
 from payments.models import Payment, PaymentStatus, Refund
 from sagas import runner
-from sagas.consumers import consume
+from sagas.consumers import consume, consumer_give_up
 from sagas.definition import COMPENSATE, FORWARD
 from sagas.heartbeat import Heartbeat
 from sagas.models import (
     Fault,
     InboxMessage,
     OutboxEvent,
+    ParkedDelivery,
     RejectedMessage,
     SagaInstance,
     SagaState,
@@ -132,10 +133,14 @@ def test_every_page_of_every_registered_model_of_the_project_answers_200(admin_c
         event = outbox_emit(aggregate_type="thing", aggregate_id=uuid.uuid4(), event_type="THING_HAPPENED", payload={})
     consume(consumer="test-recorder", message=message(event))  # an inbox row to show
     message_reject_record(reason="not JSON", body=b"garbage", queue="chainsaga")  # a rejected message
+    with transaction.atomic():
+        given_up = outbox_emit(aggregate_type="thing", aggregate_id=uuid.uuid4(), event_type="THING_HAPPENED", payload={})
+    consumer_give_up(consumer="test-recorder", message=message(given_up), reason="failed 9 times")  # a parked delivery
     Heartbeat(hostname="worker@test", queues=["chainsaga"], interval=5).beat(now=timezone.now())  # a worker's
     project_models = {m for m in admin.site._registry if m._meta.app_label in {"sagas", "orders", "inventory", "payments"}}
     assert project_models == {
         SagaInstance, Fault, Order, Product, Payment, Refund, Reservation, OutboxEvent, InboxMessage, RejectedMessage, WorkerHeartbeat,
+        ParkedDelivery,
     }
 
     for model in project_models:

@@ -14,7 +14,9 @@ from rest_framework.throttling import SimpleRateThrottle
 
 from config.urls import api as api_routes
 from orders.models import IdempotencyRecord, Order
-from sagas.models import OutboxEvent, SagaInstance, SagaState
+from sagas.consumers import consumer_give_up
+from sagas.models import OutboxEvent, ParkedDelivery, SagaInstance, SagaState
+from sagas.publishers import message
 from tests.orders_helpers import a_product, a_user, an_operator, an_order
 from tests.test_orders_api import ORDERS, an_order_body, api_as, place
 
@@ -79,7 +81,12 @@ def test_no_hostile_input_to_any_endpoint_gets_a_5xx_and_every_refusal_is_json(g
     a_product()
     customer, staff = a_user("alice"), an_operator()
     order = an_order(user=customer)
-    ids = {"order_id": str(order.id), "saga_id": str(order.saga_id), "event_id": str(OutboxEvent.objects.first().id)}
+    event = OutboxEvent.objects.first()
+    consumer_give_up(consumer="test-recorder", message=message(event), reason="a parked delivery to replay")
+    ids = {
+        "order_id": str(order.id), "saga_id": str(order.saga_id), "event_id": str(event.id),
+        "parked_id": str(ParkedDelivery.objects.get().pk),
+    }
     callers = {"anonymous": APIClient(), "customer": api_as(customer), "staff": api_as(staff)}
     for client in callers.values():
         client.raise_request_exception = False  # a crash must show up as the 500 a client would get

@@ -2,9 +2,11 @@
 the outbox relay to consumers behind inboxes, on a real worker."""
 
 import time
+from datetime import timedelta
 
 import pytest
 from django.conf import settings
+from django.utils import timezone
 
 from inventory.models import Stock
 from orders.models import Flow, Order, OrderStatus
@@ -127,3 +129,26 @@ def test_the_order_stream_holds_each_orders_events_in_the_order_they_happened(sa
 
     mine = [f[b"type"].decode() for _, f in publisher.client.xrange("events.order") if f[b"aggregate_id"] == str(order.id).encode()]
     assert mine[: len(HAPPY)] == HAPPY
+
+
+def test_a_payment_whose_every_answer_is_lost_is_refunded_by_its_key_and_the_order_cancelled(saga_worker, provider):
+    from sagas.consumers import consumers_redeliver
+    from sagas.models import ParkedDelivery
+
+    product = a_product(on_hand=10)
+
+    order = settled(
+        a_choreographed_order(sku=product.sku, payment_method="pm_blackhole"),
+        events=["ORDER_CREATED", "PAYMENT_REFUNDED", "PAYMENT_FAILED", "ORDER_CANCELLED"],
+    )
+
+    assert order.status == OrderStatus.CANCELLED and "could not be confirmed" in order.cancel_reason
+    assert list(provider.charges().values()) == [order.total], "the provider did charge"
+    assert list(provider.refunds().values()) == [order.total], "and payments found the charge by its key and refunded it"
+    assert charged_minus_refunded(order) == 0
+    parked = ParkedDelivery.objects.get(consumer="payments", aggregate_id=str(order.id))
+    assert parked.event_type == "ORDER_CREATED" and parked.settled
+    assert Stock.objects.get(pk=product.pk).reserved == 0
+    later = timezone.now() + timedelta(hours=1)
+    assert consumers_redeliver(now=later, min_age=timedelta(seconds=60), window=timedelta(hours=24)) == 0, "given up once, not resent"
+    assert_shop_invariants()

@@ -1,5 +1,6 @@
 """Consumers behind an inbox: a duplicate delivery has no second effect."""
 
+import time
 import uuid
 from datetime import timedelta
 
@@ -7,8 +8,8 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 
-from sagas.consumers import consume, consumers_redeliver, subscribers
-from sagas.models import InboxMessage, OutboxEvent
+from sagas.consumers import consume, consumer_give_up, consumers_redeliver, subscribers
+from sagas.models import InboxMessage, OutboxEvent, ParkedDelivery
 from sagas.outbox import outbox_emit
 from sagas.publishers import ConsumerTaskPublisher, message
 from tests.sagaapp.models import Effect
@@ -143,4 +144,67 @@ def test_a_handler_that_kills_its_worker_every_time_is_given_up_after_its_delive
     # absorbed without running the handler, so the count settles just past the budget.
     assert settings.CONSUMER_MAX_DELIVERIES < last <= 2 * (settings.CONSUMER_MAX_DELIVERIES + 1)
     assert time.monotonic() < deadline, "deliveries never stopped"
-    assert not InboxMessage.objects.filter(event_id=event.id).exists()
+    parked = ParkedDelivery.objects.get(consumer="test-recorder", event_id=event.id)
+    assert "without finishing" in parked.reason and parked.settled
+    assert InboxMessage.objects.filter(event_id=event.id).exists(), "given up once: the sweep does not send it again"
+
+
+def gave_up(event) -> int:
+    return Effect.objects.filter(saga_id=event.aggregate_id, step="GIVEN_UP").count()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_consumer_gives_up_on_an_event_once_parks_it_and_settles_it():
+    event = an_event(fail=True)
+
+    first = consumer_give_up(consumer="test-recorder", message=message(event), reason="failed 9 times")
+    again = consumer_give_up(consumer="test-recorder", message=message(event), reason="failed 9 times")
+
+    assert (first, again) == (True, False)
+    assert gave_up(event) == 1
+    assert ParkedDelivery.objects.get(event_id=event.id).reason == "failed 9 times"
+    assert consume(consumer="test-recorder", message=message(event)) is False, "a late delivery is a duplicate"
+    OutboxEvent.objects.filter(pk=event.pk).update(published_at=timezone.now() - timedelta(minutes=5))
+    assert consumers_redeliver(now=timezone.now(), min_age=timedelta(seconds=60), window=timedelta(hours=1)) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_handler_that_keeps_failing_or_refuses_is_given_up_on_once_on_a_real_worker(saga_worker):
+    failing, refused = an_event(fail=True), an_event(refuse=True)
+
+    ConsumerTaskPublisher().publish([failing, refused])
+
+    deadline = time.monotonic() + 30
+    while ParkedDelivery.objects.count() < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    reasons = dict(ParkedDelivery.objects.values_list("event_id", "reason"))
+    assert reasons[failing.id].startswith("failed 4 times: ValueError"), reasons  # CONSUMER_MAX_RETRIES=3 in tests
+    assert reasons[refused.id] == "refused: BusinessError: the thing cannot be done"
+    assert (gave_up(failing), gave_up(refused)) == (1, 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_staff_list_parked_deliveries_and_replay_one_with_a_fresh_budget(saga_worker):
+    from rest_framework.test import APIClient
+
+    from tests.orders_helpers import a_user, an_operator
+
+    event = an_event()
+    consumer_give_up(consumer="test-recorder", message=message(event), reason="the handler had a bug")
+    staff, customer = APIClient(), APIClient()
+    staff.force_authenticate(an_operator())
+    customer.force_authenticate(a_user())
+
+    listed = staff.get("/api/consumers/parked/").json()["results"]
+    [parked] = [p for p in listed if p["event_id"] == str(event.id)]
+    refused = customer.post(f"/api/consumers/parked/{parked['id']}/replay/")
+    replayed = staff.post(f"/api/consumers/parked/{parked['id']}/replay/")
+
+    assert parked["settled"] is True and parked["reason"] == "the handler had a bug"
+    assert refused.status_code == 403
+    assert replayed.status_code == 202
+    deadline = time.monotonic() + 20
+    while not Effect.objects.filter(saga_id=event.aggregate_id, step="THING_HAPPENED").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert Effect.objects.filter(saga_id=event.aggregate_id, step="THING_HAPPENED").count() == 1
+    assert not ParkedDelivery.objects.filter(event_id=event.id).exists()

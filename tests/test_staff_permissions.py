@@ -5,13 +5,17 @@ is not enough. Reading the saga log needs `sagas.view_sagainstance`, the dead le
 
 No worker: sagas are moved on with the runner in this process, as in tests/test_admin.py."""
 
+import uuid
+
 import pytest
 from django.contrib.auth.models import Permission
 from django.test import Client
 
 from sagas import runner
 from sagas.definition import COMPENSATE
-from sagas.models import OutboxEvent, SagaInstance, SagaState
+from sagas.consumers import consumer_give_up
+from sagas.models import OutboxEvent, ParkedDelivery, SagaInstance, SagaState
+from sagas.publishers import message
 from sagas.relay import outbox_relay
 from sagas.services import saga_abort
 from sagas.testing import inject_fault
@@ -24,6 +28,7 @@ pytestmark = pytest.mark.django_db
 
 VIEW_SAGA, RETRY, ABORT = "sagas.view_sagainstance", "sagas.retry_saga", "sagas.abort_saga"
 VIEW_OUTBOX, REPLAY = "sagas.view_outboxevent", "sagas.replay_outboxevent"
+VIEW_PARKED, REPLAY_PARKED = "sagas.view_parkeddelivery", "sagas.replay_parkeddelivery"
 
 # method, path, the permissions it needs, the status it answers once through (a PENDING saga, a
 # dead-lettered event): retry answers 409 because the saga has not FAILED, which is past the check.
@@ -34,6 +39,8 @@ ENDPOINTS = [
     ("post", "/api/sagas/{saga}/abort/", (VIEW_SAGA, ABORT), 202),
     ("get", "/api/outbox/dead-letter/", (VIEW_OUTBOX,), 200),
     ("post", "/api/outbox/{event}/replay/", (VIEW_OUTBOX, REPLAY), 202),
+    ("get", "/api/consumers/parked/", (VIEW_PARKED,), 200),
+    ("post", "/api/consumers/parked/{parked}/replay/", (VIEW_PARKED, REPLAY_PARKED), 202),
 ]
 ENDPOINT_IDS = [f"{method} {path}" for method, path, _, _ in ENDPOINTS]
 
@@ -49,7 +56,9 @@ def targets(settings):
     recorder.failing.add("poison")
     outbox_relay(publisher=recorder, time_budget=0)
     assert OutboxEvent.objects.get(pk=poison.pk).dead_lettered_at is not None
-    return {"saga": order.saga_id, "event": poison.id}
+    given_up = emit(str(uuid.uuid4()))  # the test consumer keys its effects by a UUID
+    consumer_give_up(consumer="test-recorder", message=message(given_up), reason="parked for the test")
+    return {"saga": order.saga_id, "event": poison.id, "parked": ParkedDelivery.objects.get().pk}
 
 
 def call(client, method: str, path: str, targets):
@@ -59,7 +68,7 @@ def call(client, method: str, path: str, targets):
 def nothing_was_done(targets) -> bool:
     saga = SagaInstance.objects.get(pk=targets["saga"])
     event = OutboxEvent.objects.get(id=targets["event"])
-    return saga.state == SagaState.PENDING and event.dead_lettered_at is not None
+    return saga.state == SagaState.PENDING and event.dead_lettered_at is not None and ParkedDelivery.objects.filter(pk=targets["parked"]).exists()
 
 
 # --- the staff API ------------------------------------------------------------------------------

@@ -297,3 +297,7 @@ CONSUMER_REDELIVER_AFTER = env_int("CONSUMER_REDELIVER_AFTER", 60)
 CONSUMER_REDELIVER_WINDOW_HOURS = env_int("CONSUMER_REDELIVER_WINDOW_HOURS", 24)
 # A consumer task delivered this many times without finishing (its handler kills the worker) is given up.
 CONSUMER_MAX_DELIVERIES = env_int("CONSUMER_MAX_DELIVERIES", 20)
+# A handler that raises is retried this many times, after 1, 2, 4, ... s (at most the max delay),
+# then the consumer gives up on the event: parked once and settled (sagas.consumers).
+CONSUMER_MAX_RETRIES = env_int("CONSUMER_MAX_RETRIES", 8)
+CONSUMER_RETRY_MAX_DELAY = env_float("CONSUMER_RETRY_MAX_DELAY", 60.0)

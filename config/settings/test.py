@@ -58,3 +58,5 @@ INSTALLED_APPS = [*INSTALLED_APPS, "tests.sagaapp"]
 PAYMENTS_PROVIDER_PATH = os.environ.get("PAYMENTS_PROVIDER_PATH") or str(VAR_DIR / "test-payment-provider.sqlite3")
 OUTBOX_PUBLISHER = os.environ.get("OUTBOX_PUBLISHER") or ("redis,consumers" if REDIS_URL else "consumers")
 CONSUMER_MAX_DELIVERIES = 3
+CONSUMER_MAX_RETRIES = int(os.environ.get("CONSUMER_MAX_RETRIES", "3"))
+CONSUMER_RETRY_MAX_DELAY = float(os.environ.get("CONSUMER_RETRY_MAX_DELAY", "1"))
