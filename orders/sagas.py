@@ -93,6 +93,7 @@ STEP_FAILED_TEXT = {
 }
 UNDO_FAILED_TEXT = "undoing this step is delayed; our staff have been notified"
 PAYMENT_TOO_LATE_TEXT = "the payment was not confirmed in time"
+CANCELLED_BY_SUPPORT = "cancelled by our support team"
 DEADLINE_EXCEEDED = "deadline exceeded"  # the engine's reason when the sweeper or a step finds the deadline passed
 
 
@@ -105,8 +106,10 @@ def customer_reason(saga) -> str:
         return failed.reason  # a business refusal: "card declined by the issuer"
     if saga.failure_reason == DEADLINE_EXCEEDED:
         return PAYMENT_TOO_LATE_TEXT
-    if saga.failure_reason == CANCELLED_BY_CUSTOMER or saga.failure_reason.startswith("aborted by "):
-        return saga.failure_reason  # stopped on request (the customer, or support through the staff API)
+    if saga.failure_reason == CANCELLED_BY_CUSTOMER:
+        return saga.failure_reason
+    if saga.failure_reason.startswith("aborted by "):
+        return CANCELLED_BY_SUPPORT  # which operator did it is for staff to know
     if failed is not None:
         return STEP_FAILED_TEXT.get(failed.name, "the order could not be completed")
     return "the order could not be completed"

@@ -877,7 +877,21 @@ def test_a_staff_abort_before_the_saga_started_leaves_the_order_cancelled_not_pe
     assert response.status_code == 202, response.content
     order.refresh_from_db()
     assert (order.saga.state, order.status) == (SagaState.COMPENSATED, OrderStatus.CANCELLED)
-    assert order.cancel_reason == "aborted by ops"
+    assert order.saga.failure_reason == "aborted by ops", "staff see which operator"
+    assert order.cancel_reason == "cancelled by our support team", "the customer does not"
+
+
+@pytest.mark.django_db
+def test_aborting_a_failed_saga_answers_409_saying_to_retry_its_compensation():
+    from sagas.tests.builders import failed_saga
+
+    saga = failed_saga()
+
+    response = api_as(an_operator()).post(f"/api/sagas/{saga.id}/abort/")
+
+    assert response.status_code == 409
+    assert "FAILED" in response.json()["detail"] and "retry the compensation" in response.json()["detail"]
+    assert SagaInstance.objects.get(pk=saga.pk).state == SagaState.FAILED
 
 
 @pytest.mark.django_db
