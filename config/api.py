@@ -67,6 +67,7 @@ class HealthOutputSerializer(serializers.Serializer):
     outbox = serializers.DictField(required=False, allow_null=True)
     rejected_messages_24h = serializers.IntegerField(required=False, allow_null=True)
     parked_deliveries_24h = serializers.IntegerField(required=False, allow_null=True)
+    last_sweep = serializers.DateTimeField(required=False, allow_null=True)
 
 
 class HealthRateThrottle(AnonRateThrottle):

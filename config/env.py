@@ -122,7 +122,7 @@ def broker_transport_options(url: str, *, visibility_timeout: int) -> dict:
     options = {"visibility_timeout": visibility_timeout}
     if url.startswith(("redis", "rediss")):
         # kombu applies these to synchronous commands (a publish), not to the worker's BRPOP.
-        options.update(socket_timeout=env_float("BROKER_SOCKET_TIMEOUT", 1.5), socket_connect_timeout=env_float("BROKER_CONNECT_TIMEOUT", 2.0))
+        options.update(socket_timeout=env_float("BROKER_SOCKET_TIMEOUT", 1.5), socket_connect_timeout=env_float("BROKER_CONNECT_TIMEOUT", 1.5))
     return options
 
 

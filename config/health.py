@@ -67,7 +67,7 @@ def run_checks(*, timeout: float) -> dict[str, Outcome]:
 def _database_facts(timeout: float) -> dict:
     """The database answers; and the facts kept there: workers, sagas, outbox, rejected messages."""
     from sagas.heartbeat import workers_live
-    from sagas.models import ACTIVE_STATES, ParkedDelivery, RejectedMessage, SagaInstance, SagaState
+    from sagas.models import ACTIVE_STATES, HousekeepingRun, ParkedDelivery, RejectedMessage, SagaInstance, SagaState
     from sagas.selectors import outbox_stats
     from sagas.versions import versions_in_use
 
@@ -86,6 +86,7 @@ def _database_facts(timeout: float) -> dict:
                 "outbox": outbox_stats(now=now),
                 "rejected_messages_24h": RejectedMessage.objects.filter(received_at__gte=now - timedelta(hours=24)).count(),
                 "parked_deliveries_24h": ParkedDelivery.objects.filter(parked_at__gte=now - timedelta(hours=24)).count(),
+                "last_sweep": HousekeepingRun.objects.filter(task="sagas.sweep").values_list("ran_at", flat=True).first(),
             }
     finally:
         connection.close()  # this thread's own connection
@@ -137,9 +138,24 @@ def assess(outcomes: dict[str, Outcome], *, now=None) -> tuple[str, list[str]]:
         idle = (now - latest).total_seconds()
         if idle > settings.WORKERS_STALLED_AFTER:
             reasons.append(f"work waits ({waiting}) but no worker took a task for {idle:.0f}s")
+    sweep_late = _sweep_late(facts["last_sweep"], now=now)
+    if sweep_late:
+        reasons.append(sweep_late)
     for label, count in facts["sagas_without_definition"].items():
         reasons.append(f"{count} saga(s) in flight of {label}, which this deployment does not register")
     return ("degraded" if reasons else "ok"), reasons
+
+
+def _sweep_late(last_sweep, *, now) -> str:
+    """Why the sweeper looks stopped (celery beat, the control worker or its queue), or "". The
+    sweeper re-drives lost messages and fires deadlines: without it nothing recovers."""
+    allowed = 3 * settings.SAGAS_SWEEP_INTERVAL + settings.WORKERS_STALLED_AFTER
+    if last_sweep is None:
+        return "the sweeper never ran (is celery beat running, and a worker on the control queue?)"
+    late = (now - last_sweep).total_seconds()
+    if late > allowed:
+        return f"the sweeper last ran {late:.0f}s ago (is celery beat running, and a worker on the control queue?)"
+    return ""
 
 
 def details(outcomes: dict[str, Outcome], reasons: list[str]) -> dict:
@@ -158,4 +174,5 @@ def details(outcomes: dict[str, Outcome], reasons: list[str]) -> dict:
         "outbox": facts.get("outbox"),
         "rejected_messages_24h": facts.get("rejected_messages_24h"),
         "parked_deliveries_24h": facts.get("parked_deliveries_24h"),
+        "last_sweep": facts.get("last_sweep"),
     }

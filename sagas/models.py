@@ -282,3 +282,14 @@ class ParkedDelivery(models.Model):
 
     def __str__(self) -> str:
         return f"{self.consumer} gave up on {self.event_type} {self.event_id}"
+
+
+class HousekeepingRun(models.Model):
+    """When each periodic engine task (the sweeper above all) last ran: health calls the system
+    degraded when the sweeper stopped (beat or the control worker is down or stuck)."""
+
+    task = models.CharField(max_length=100, unique=True)
+    ran_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.task} at {self.ran_at:%H:%M:%S}"

@@ -14,6 +14,7 @@ from django.utils import timezone
 from sagas import consumers, outbox, relay, runner, services
 from sagas.definition import COMPENSATE, FORWARD
 from sagas.exceptions import BusinessError, SagaNotFound
+from sagas.models import HousekeepingRun
 from sagas.publishers import configured_publisher
 from sagas.rejects import message_reject_record
 
@@ -120,7 +121,9 @@ def step_failed(self, failed_task_id: str, *, saga_id: str, step: str, direction
 
 @shared_task(base=EngineTask, name="sagas.sweep", acks_late=True, **INFRASTRUCTURE_RETRY)
 def sweep() -> dict:
-    counts = services.saga_sweep(now=timezone.now())
+    now = timezone.now()
+    counts = services.saga_sweep(now=now)
+    HousekeepingRun.objects.update_or_create(task="sagas.sweep", defaults={"ran_at": now})  # for health
     if any(counts.values()):
         log.info("saga_sweep overdue=%s redriven=%s", counts["overdue"], counts["redriven"])
     return counts

@@ -142,6 +142,38 @@ def _task_of(message) -> str:
     return str(headers.get("task") or "")
 
 
+def _task_message_problem(message) -> str:
+    """What makes a task message (protocol 2) unfit to run, found before Celery acts on it: a
+    malformed time limit reached the pool's timer thread and stopped the worker, and a body that is
+    not [args, kwargs, embed] fails deep inside. "" when fit, or when Celery's own checks (an
+    undecodable or refused body, a message that is not a task) should report it."""
+    headers = message.headers
+    if not isinstance(headers, dict) or "task" not in headers:
+        return ""
+    limits = headers.get("timelimit")
+    if limits is not None and not (
+        isinstance(limits, (list, tuple)) and len(limits) == 2
+        and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0) for v in limits)
+    ):
+        return f"header timelimit must be [soft, hard] seconds or null, not {str(limits)[:80]!r}"
+    if not isinstance(headers.get("id"), str):
+        return "header id must be the task id"
+    try:
+        body = message.payload
+    except Exception:  # noqa: BLE001 - Celery's decode and content checks report these themselves
+        return ""
+    if not (isinstance(body, (list, tuple)) and len(body) == 3):
+        return "the task message body must be [args, kwargs, embed]"
+    args, kwargs, embed = body
+    if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict) or not isinstance(embed, (dict, type(None))):
+        return "the task message body must be [args (a list), kwargs (an object), embed (an object)]"
+    for name in ("callbacks", "errbacks", "chain"):
+        linked = (embed or {}).get(name)
+        if linked is not None and not (isinstance(linked, list) and all(isinstance(sig, dict) for sig in linked)):
+            return f"embed {name} must be a list of signatures"
+    return ""
+
+
 class WorkerConsumer(Consumer):
     """settings.CELERY_WORKER_CONSUMER: Celery's consumer, made to survive what it is sent."""
 
@@ -150,6 +182,10 @@ class WorkerConsumer(Consumer):
         fatal = self._connection_failures()
 
         def on_task_received(message):
+            problem = _task_message_problem(message)
+            if problem:
+                self._reject(message, problem)
+                return None
             try:
                 return handle(message)
             except fatal:

@@ -246,7 +246,7 @@ def wait_for_health(stack: Stack, predicate, *, timeout: float = 20.0) -> dict:
         time.sleep(0.5)
 
 
-def test_health_tells_a_dead_a_stalled_and_a_working_worker_apart(stack):
+def test_health_tells_a_dead_a_stalled_and_a_working_worker_and_a_stopped_sweeper_apart(stack):
     def reasons(body) -> str:
         return " | ".join(body.get("reasons", []))
 
@@ -256,8 +256,9 @@ def test_health_tells_a_dead_a_stalled_and_a_working_worker_apart(stack):
 
     env = stack.env()
     worker = CeleryWorker(env=env, queues=[env["CELERY_TASK_DEFAULT_QUEUE"], env["SAGAS_CONTROL_QUEUE"]]).start()
+    beat = CeleryBeat(env=env).start()
     try:
-        # A worker that takes work
+        # A worker that takes work, and the sweeper running
         body = wait_for_health(stack, lambda b: b["status"] == "ok")
         assert body["status"] == "ok" and [w["hostname"] for w in body["workers"]] == [worker.name.replace("%h", os.uname().nodename)], body
 
@@ -273,5 +274,12 @@ def test_health_tells_a_dead_a_stalled_and_a_working_worker_apart(stack):
         with frozen([worker.process.pid, *worker.children()]):
             body = wait_for_health(stack, lambda b: "no celery worker alive" in reasons(b))
             assert body["status"] == "degraded", body
+        assert wait_for_health(stack, lambda b: b["status"] == "ok")["status"] == "ok"
+
+        # Beat gone: nothing sweeps any more
+        beat.stop()
+        body = wait_for_health(stack, lambda b: "the sweeper last ran" in reasons(b))
+        assert body["status"] == "degraded", body
     finally:
+        beat.stop()
         worker.kill()

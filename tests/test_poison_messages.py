@@ -49,6 +49,11 @@ def task_messages(marker: str) -> list[tuple[str, dict, str, str]]:
         ("a body that is not JSON", task_headers("sagas.run_step", f"{marker}-body"), "not json", "application/json"),
         ("a pickled body", task_headers("sagas.run_step", f"{marker}-pickle"), "\x80\x04K\x01.", "application/x-python-serialize"),
         ("headers without a task id", {"task": "sagas.run_step", "marker": f"{marker}-noid"}, json.dumps([[], {}, {}]), "application/json"),
+        ("a time limit that is not a number", task_headers("sagas.run_step", f"{marker}-limit", timelimit=["a", "b"]),
+         json.dumps([[], {}, {}]), "application/json"),
+        ("kwargs that are not an object", task_headers("sagas.run_step", f"{marker}-kwargs"), json.dumps([[], "x", {}]), "application/json"),
+        ("links that are not signatures", task_headers("sagas.run_step", f"{marker}-links"),
+         json.dumps([[], {}, {"callbacks": "notalist"}]), "application/json"),
     ]
 
 
