@@ -16,7 +16,6 @@ from django.contrib import admin, messages
 from django.db import transaction
 from django.urls import reverse
 from django.utils import timezone
-from django.utils import timezone
 
 from inventory.models import Product, Reservation, ReservationStatus, Stock
 from orders.admin import OrderAdmin

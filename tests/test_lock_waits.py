@@ -3,9 +3,7 @@
 
 import os
 import signal
-import uuid
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from django.conf import settings
