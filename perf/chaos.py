@@ -978,8 +978,11 @@ def message_counts(run: Run) -> dict[str, int]:
                 message = (fields.get("saga"), fields.get("step"), fields.get("direction", "").rstrip(":"))
                 if message in forged:
                     dropped.add(message)
+    from perf.chaos_checks import poison_recorded_again
+
     return {
         "forged step messages the workers dropped (out of order, or for a saga no longer running)": len(dropped),
+        "poison messages recorded again (redelivered: the pool child refusing it was killed)": poison_recorded_again(run.ledger.poison),
     }
 
 

@@ -118,12 +118,25 @@ def versions_check(sagas) -> Check:
                  saga_definition_mismatches(sagas))
 
 
+# A poison message is recorded before its rejection is acknowledged: a pool child killed in between
+# (the soak kills one every few seconds) has it delivered and recorded again, at least once as
+# every delivery is. More than this many records is a message requeued in a loop.
+POISON_RECORDS_AT_MOST = 3
+
+
 def poison_check(tokens: list[str]) -> Check:
-    """Poison messages (issue 9, case 1): each one the soak sent was refused and recorded once; a
-    message recorded again was requeued, one never recorded was lost or is still looping."""
+    """Poison messages (issue 9, case 1): each one the soak sent was refused and recorded; one never
+    recorded was lost (or never refused), one recorded again and again is looping."""
     counts = rejected_message_counts(tokens)
-    return Check("poison messages: each rejected and recorded once (RejectedMessage)", len(tokens),
-                 [f"poison message {token} recorded {n} times" for token, n in counts.items() if n != 1])
+    return Check(f"poison messages: each rejected and recorded (RejectedMessage), at least once and at most "
+                 f"{POISON_RECORDS_AT_MOST} times", len(tokens),
+                 [f"poison message {token} recorded {n} times" for token, n in counts.items()
+                  if not 1 <= n <= POISON_RECORDS_AT_MOST])
+
+
+def poison_recorded_again(tokens: list[str]) -> int:
+    """Records beyond the first, of the poison messages the soak sent (deliveries cut short)."""
+    return sum(max(0, n - 1) for n in rejected_message_counts(tokens).values())
 
 
 def abort_check(aborts: list[tuple[str, int | None]]) -> Check:
