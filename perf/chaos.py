@@ -105,18 +105,17 @@ def fault_schedule(plan: Plan, *, broker: str, rng: random.Random) -> list[Fault
         Fault(0.28 * w, "deploy_v2"),
         Fault(0.44 * w, "redis_restart"),
         Fault(0.50 * w, "beat2_stop"),
-        Fault(0.53 * w, "worker_freeze"),
-        Fault(0.53 * w + plan.worker_freeze, "worker_thaw"),
+        Fault(0.53 * w, "worker_freeze"),  # SIGCONT `plan.worker_freeze` seconds later, on a timer of its own
         Fault(0.60 * w, "operator"),
-        Fault(0.74 * w, "postgres_restart"),
-        Fault(0.78 * w, "poison"),
-        Fault(0.79 * w, "forged"),
-        Fault(0.82 * w, "postgres_freeze"),
-        Fault(0.90 * w, "redis_freeze"),
-        Fault(0.95 * w, "operator"),
+        Fault(0.77 * w, "postgres_restart"),
+        Fault(0.80 * w, "poison"),
+        Fault(0.81 * w, "forged"),
+        Fault(0.84 * w, "postgres_freeze"),
+        Fault(0.91 * w, "redis_freeze"),
+        Fault(0.96 * w, "operator"),
     ]
     if broker == "rabbitmq":
-        faults.append(Fault(0.86 * w, "broker_connections_close"))
+        faults.append(Fault(0.87 * w, "broker_connections_close"))
     t = plan.child_kill_every / 2
     while t < 1.1 * w:
         faults.append(Fault(t + rng.uniform(-0.2, 0.2) * plan.child_kill_every, "child_kill"))
@@ -336,6 +335,7 @@ class Ledger:
     frozen: list[dict] = field(default_factory=list)  # {"worker", "log", "offset", "frozen_s"} per freeze
     aborts: list[tuple[str, int | None]] = field(default_factory=list)  # (saga id, answer status)
     retries: list[tuple[str, int | None]] = field(default_factory=list)
+    timers: list[threading.Thread] = field(default_factory=list)  # the thaw and the operator's requests, running
 
 
 def fault_actions(run: Run) -> dict[str, Callable[[], str]]:
@@ -414,7 +414,7 @@ def fault_actions(run: Run) -> dict[str, Callable[[], str]]:
 
     def deploy_v2() -> str:
         in_flight = SagaInstance.objects.filter(name="place_order", version=1, state__in=ACTIVE_STATES)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 5
         while not in_flight.exists() and time.monotonic() < deadline:  # a deploy while sagas are in flight
             time.sleep(0.01)
         ledger.v1_in_flight_at_deploy = list(in_flight.values_list("pk", flat=True))
@@ -429,31 +429,37 @@ def fault_actions(run: Run) -> dict[str, Callable[[], str]]:
                 "tier reloaded; new orders start on v2")
 
     def worker_freeze() -> str:
-        n, holding = freeze_a_worker_holding_locks(cluster.workers, pg_port=pg.port, prefer="sagas_sagainstance")
+        n, holding = freeze_a_worker_holding_locks(cluster.workers, pg_port=pg.port, prefer="sagas_sagainstance", within=6.0)
         cluster.frozen = n
-        worker = cluster.workers[n]
-        ledger.frozen.append({"worker": f"worker {n}", "log": str(worker.log_path), "since": time.monotonic()})
-        return f"SIGSTOP of worker {n}'s process group while its {holding}"
+        entry = {"worker": f"worker {n}", "log": str(cluster.workers[n].log_path)}
+        ledger.frozen.append(entry)
+        since = time.monotonic()
 
-    def worker_thaw() -> str:
-        if cluster.frozen is None:
-            raise RuntimeError("no worker is frozen")
-        n = cluster.frozen
-        cluster.thaw()
-        entry = ledger.frozen[-1]
-        entry["frozen_s"] = round(time.monotonic() - entry.pop("since"), 1)
-        entry["offset"] = Path(entry["log"]).stat().st_size
-        return f"SIGCONT of worker {n} after {entry['frozen_s']:.1f} s"
+        def thaw() -> None:  # on time, whatever the fault schedule is busy with meanwhile
+            at = timeline.now()
+            cluster.thaw()
+            entry["frozen_s"] = round(time.monotonic() - since, 1)
+            entry["offset"] = Path(entry["log"]).stat().st_size
+            timeline.record(at, "worker_thaw", f"SIGCONT of worker {n} after {entry['frozen_s']:.1f} s", took=0.0)
+
+        ledger.timers.append(threading.Timer(run.plan.worker_freeze, thaw))
+        ledger.timers[-1].start()
+        return f"SIGSTOP of worker {n}'s process group while its {holding}; SIGCONT in {run.plan.worker_freeze:g} s"
 
     def operator() -> str:
-        sagas = running_sagas(limit=run.plan.aborts, rng=rng)
-        aborts = [(str(saga.id), run.api.saga_action(saga.id, "abort")) for saga in sagas]
-        failed = SagaInstance.objects.filter(order__pk__in=run.order_ids(), state=SagaState.FAILED).values_list("pk", flat=True)
-        retries = [(str(saga_id), run.api.saga_action(saga_id, "retry")) for saga_id in failed]
-        ledger.aborts += aborts
-        ledger.retries += retries
-        return (f"staff API: abort of {len(aborts)} running sagas answered {dict(Counter(s for _, s in aborts))}; "
-                f"retry of {len(retries)} FAILED sagas answered {dict(Counter(s for _, s in retries))}")
+        # The requests go out from a thread of their own: an abort may wait for a saga lock that a
+        # frozen worker holds (a 503 after up to 5 s, tried again), and the next faults must not wait.
+        sagas = [str(saga.id) for saga in running_sagas(limit=run.plan.aborts, rng=rng)]
+        failed = [str(pk) for pk in SagaInstance.objects.filter(state=SagaState.FAILED).values_list("pk", flat=True)]
+
+        def act() -> None:
+            ledger.aborts.extend((saga_id, run.api.saga_action(saga_id, "abort")) for saga_id in sagas)
+            ledger.retries.extend((saga_id, run.api.saga_action(saga_id, "retry")) for saga_id in failed)
+
+        ledger.timers.append(threading.Thread(target=act, name="chaos-operator"))
+        ledger.timers[-1].start()
+        return (f"staff API: abort of {len(sagas)} running sagas and retry of {len(failed)} FAILED sagas "
+                "(answers under Operator above)")
 
     return {
         "child_kill": lambda: cluster.kill_random_child(rng),
@@ -470,7 +476,6 @@ def fault_actions(run: Run) -> dict[str, Callable[[], str]]:
         "forged": forged,
         "deploy_v2": deploy_v2,
         "worker_freeze": worker_freeze,
-        "worker_thaw": worker_thaw,
         "operator": operator,
     }
 
@@ -841,6 +846,8 @@ def place_under_faults(run: Run) -> float:
         injector.join(timeout=max(0.0, 1.1 * run.plan.window - placing_s + 60))  # the last child kills
     finally:
         injector.stop()
+        for thread in run.ledger.timers:  # the thaw, the operator's requests
+            thread.join(timeout=60)
         run.api.stop()
     return placing_s
 
@@ -957,7 +964,7 @@ def report_data(run: Run, *, quiet: bool, work: dict, placing_s: float, settling
                 f"{a.method} {a.path} {a.status}" for a in run.api.answers if a.at <= end and a.at + a.took >= start).items()))}
             for kind, start, end in run.ledger.outages
         ],
-        "faults": run.timeline.entries,
+        "faults": sorted(run.timeline.entries, key=lambda e: e["t_s"]),
         "exercised": evidence,
         "checks": checks,
         "recovery": {**recovery_counts(order_ids), **message_counts(run)},

@@ -43,7 +43,7 @@ def test_every_fault_kind_strikes_inside_the_window_and_a_killed_worker_is_resta
 
     kinds = [f.kind for f in schedule]
     expected = {"child_kill", "worker_kill", "worker_restart", "redis_restart", "postgres_restart", "beat2_start", "beat2_stop",
-                "poison", "forged", "deploy_v2", "worker_freeze", "worker_thaw", "operator", "postgres_freeze", "redis_freeze"}
+                "poison", "forged", "deploy_v2", "worker_freeze", "operator", "postgres_freeze", "redis_freeze"}
     assert expected <= set(kinds)
     assert ("broker_connections_close" in kinds) == (broker == "rabbitmq")
     assert kinds.index("worker_kill") < kinds.index("worker_restart") < kinds.index("deploy_v2")
@@ -55,11 +55,12 @@ def test_every_fault_kind_strikes_inside_the_window_and_a_killed_worker_is_resta
 @pytest.mark.parametrize("plan", [SHORT, FULL], ids=["short", "full"])
 def test_the_frozen_worker_is_frozen_longer_than_a_lock_timeout_and_nothing_else_cuts_its_locks_loose(plan):
     at = {f.kind: f.at for f in fault_schedule(plan, broker="redis", rng=random.Random(1)) if f.kind != "child_kill"}
+    thaw = at["worker_freeze"] + 6 + plan.worker_freeze  # caught holding locks within 6 s, then frozen this long
 
-    assert at["worker_thaw"] - at["worker_freeze"] == plan.worker_freeze > settings.SAGAS_STEP_LOCK_TIMEOUT_MAX
+    assert plan.worker_freeze > settings.SAGAS_STEP_LOCK_TIMEOUT_MAX
     assert at["deploy_v2"] + 20 < at["worker_freeze"]  # the deploy's restarts (about 10 s) are over
     for other in ("postgres_restart", "postgres_freeze"):  # these would cut the frozen session loose
-        assert not at["worker_freeze"] <= at[other] <= at["worker_thaw"], other
+        assert not at["worker_freeze"] <= at[other] <= thaw, other
 
 
 def test_a_charge_the_provider_made_without_our_payment_row_is_a_violation(provider):
