@@ -21,7 +21,7 @@ production settings. Faults, spread over the placing phase:
   - messages: garbage and wrong-shape messages pushed into the task and control queues
     (sagas.testing.poison); forged out-of-order step and compensation messages for running sagas;
   - a deploy: every worker restarted, one by one, with place_order v2 registered beside v1
-    (perf.chaos_deploy), the web tier reloaded, and the orders placed after it start on v2;
+    (perf.chaos_deploy), the web tier redeployed blue/green, and the orders placed after it start on v2;
   - the operator: running sagas aborted and FAILED ones retried through the staff API;
   - customers: a share of the orders placed through the API, which is called throughout (health,
     order lists), outages included; pm_blackhole (the provider charges, every response is lost)
@@ -421,12 +421,13 @@ def fault_actions(run: Run) -> dict[str, Callable[[], str]]:
         started = time.monotonic()
         cluster.deploy(DEPLOY_MODULE)  # workers first
         Path(cluster.env["CHAOS_DEPLOYED"]).touch()
-        run.web.reload()
+        run.web.redeploy()
         import perf.chaos_deploy  # noqa: F401 - from now on this process, too, starts orders on v2
 
         return (f"every worker restarted one by one with place_order v2 registered beside v1 "
-                f"({len(ledger.v1_in_flight_at_deploy)} v1 sagas in flight; {time.monotonic() - started:.1f} s), then the web "
-                "tier reloaded; new orders start on v2")
+                f"({len(ledger.v1_in_flight_at_deploy)} v1 sagas in flight), then the web tier (blue/green: a new "
+                f"gunicorn, clients switched once it answered, the old one stopped); {time.monotonic() - started:.1f} s; "
+                "new orders start on v2")
 
     def worker_freeze() -> str:
         n, holding = freeze_a_worker_holding_locks(cluster.workers, pg_port=pg.port, prefer="sagas_sagainstance", within=6.0)

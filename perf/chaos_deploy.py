@@ -4,7 +4,7 @@ README ("Upgrading a saga") played while sagas are in flight.
 v2 has the same steps as v1 with one policy changed (process_payment may try once more), so its
 fingerprint differs and a saga that went on under the other version's definition would show. The
 soak's workers import this module after the deploy (`celery worker --include perf.chaos_deploy`),
-its web tier once reloaded (perf.chaos_wsgi), and the soak itself when it places orders after the
+its web tier once redeployed (perf.chaos_wsgi), and the soak itself when it places orders after the
 deploy. From then on `orders.sagas.place_order` names v2, as it would after a deploy whose
 orders/sagas.py defined v2 and kept v1 registered: new orders start on v2, those in flight finish
 on v1.

@@ -2,7 +2,7 @@
 
 `WebTier` runs gunicorn on the soak's private services with the production settings, as
 docker-compose.yml does (perf.chaos_wsgi: config.wsgi, plus place_order v2 once the soak deployed
-it; `reload` is gunicorn's HUP, new workers with the listening socket kept). `ApiClient` calls it
+it; `redeploy` starts a new instance and switches the clients to it, blue/green). `ApiClient` calls it
 from threads of its own for the whole placing window: health once a second and the orders lists
 a few times a second, its share of the orders (POST /api/orders/ with an Idempotency-Key, the same key again on a
 503, 409 or 429), and the operator's staff actions. Every answer is kept (`Answer`), and
@@ -40,31 +40,49 @@ class WebTier:
     # operator), so no request waits for a free worker: what the answers measure is an outage's
     # cost, not the queue in front of two workers that each hold a request for up to 4 s.
     def __init__(self, env: dict[str, str], root: Path, *, workers: int = 4):
-        self.env, self.port, self.workers = env, free_port(), workers
+        self.env, self.workers = env, workers
         self.log = root / "gunicorn.log"
+        self.port = 0
         self.process: subprocess.Popen | None = None
 
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> WebTier:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "perf.chaos_wsgi:application", f"--bind=127.0.0.1:{self.port}",
+    def start(self) -> WebTier:
+        self.port, self.process = self._spawn()
+        return self
+
+    def _spawn(self, timeout: float = 60.0) -> tuple[int, subprocess.Popen]:
+        """A gunicorn on a new port, once it answers."""
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "perf.chaos_wsgi:application", f"--bind=127.0.0.1:{port}",
              f"--workers={self.workers}", "--timeout=30", "--graceful-timeout=20", "--access-logfile=-"],
             cwd=REPO, env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + timeout
-        while _request(self.port, "GET", "/api/health/", timeout=5)[0] is None:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"gunicorn did not answer on port {self.port}; see {self.log}")
+        while _request(port, "GET", "/api/health/", timeout=5)[0] is None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"gunicorn did not answer on port {port}; see {self.log}")
             time.sleep(0.2)
-        return self
+        return port, process
 
-    def reload(self) -> None:
-        """gunicorn's HUP: new workers load the app again (the deploy's code), the old ones finish
-        the requests in hand; the listening socket stays open throughout."""
-        os.kill(self.process.pid, signal.SIGHUP)
+    def redeploy(self) -> int:
+        """Blue/green, as a load balancer in front of two instances does it: a new gunicorn (it
+        loads the deploy's code) on another port; once it answers, clients are sent to it and the
+        old one finishes the requests it holds and stops. No request finds no server. Returns the
+        new port."""
+        old = self.process
+        self.port, self.process = self._spawn()
+        old.terminate()  # gunicorn's graceful stop: requests in hand are answered
+        try:
+            old.wait(25)
+        except subprocess.TimeoutExpired:
+            os.killpg(old.pid, signal.SIGKILL)
+            old.wait()
+        return self.port
 
     @property
     def alive(self) -> bool:

@@ -1,6 +1,6 @@
 """The chaos soak's web tier: config.wsgi, and place_order v2 (perf.chaos_deploy) once the soak has
-deployed it: from then on the file named by CHAOS_DEPLOYED exists, and the workers gunicorn starts
-on HUP import the new version as they load the app."""
+deployed it: from then on the file named by CHAOS_DEPLOYED exists, and the gunicorn started for the
+deploy (perf.chaos_web.WebTier.redeploy) imports the new version as it loads the app."""
 
 import os
 from pathlib import Path
