@@ -420,14 +420,15 @@ def fault_actions(run: Run) -> dict[str, Callable[[], str]]:
         ledger.v1_in_flight_at_deploy = list(in_flight.values_list("pk", flat=True))
         started = time.monotonic()
         cluster.deploy(DEPLOY_MODULE)  # workers first
+        workers_s = time.monotonic() - started
         Path(cluster.env["CHAOS_DEPLOYED"]).touch()
-        run.web.redeploy()
+        web_s = run.web.redeploy()
         import perf.chaos_deploy  # noqa: F401 - from now on this process, too, starts orders on v2
 
         return (f"every worker restarted one by one with place_order v2 registered beside v1 "
-                f"({len(ledger.v1_in_flight_at_deploy)} v1 sagas in flight), then the web tier (blue/green: a new "
-                f"gunicorn, clients switched once it answered, the old one stopped); {time.monotonic() - started:.1f} s; "
-                "new orders start on v2")
+                f"({len(ledger.v1_in_flight_at_deploy)} v1 sagas in flight; {workers_s:.1f} s), then the web tier "
+                f"blue/green (a new gunicorn, clients switched to it once it answered after {web_s:.1f} s, the old one "
+                "stopped gracefully); new orders start on v2")
 
     def worker_freeze() -> str:
         n, holding = freeze_a_worker_holding_locks(cluster.workers, pg_port=pg.port, prefer="sagas_sagainstance", within=6.0)

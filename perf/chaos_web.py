@@ -44,6 +44,7 @@ class WebTier:
         self.log = root / "gunicorn.log"
         self.port = 0
         self.process: subprocess.Popen | None = None
+        self.retiring: threading.Thread | None = None  # the instance a redeploy replaced, stopping
 
     @property
     def base(self) -> str:
@@ -72,23 +73,31 @@ class WebTier:
     def redeploy(self) -> int:
         """Blue/green, as a load balancer in front of two instances does it: a new gunicorn (it
         loads the deploy's code) on another port; once it answers, clients are sent to it and the
-        old one finishes the requests it holds and stops. No request finds no server. Returns the
-        new port."""
+        old one finishes the requests it holds and stops (in the background). No request finds no
+        server. Returns the seconds until the new one answered."""
         old = self.process
+        started = time.monotonic()
         self.port, self.process = self._spawn()
-        old.terminate()  # gunicorn's graceful stop: requests in hand are answered
+        self.retiring = threading.Thread(target=self._retire, args=(old,), name="chaos-web-retire", daemon=True)
+        self.retiring.start()
+        return time.monotonic() - started
+
+    @staticmethod
+    def _retire(process: subprocess.Popen) -> None:
+        process.terminate()  # gunicorn's graceful stop: the requests in hand are answered first
         try:
-            old.wait(25)
+            process.wait(25)
         except subprocess.TimeoutExpired:
-            os.killpg(old.pid, signal.SIGKILL)
-            old.wait()
-        return self.port
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
+        if self.retiring is not None:
+            self.retiring.join(timeout=30)
         if not self.alive:
             return
         self.process.terminate()
