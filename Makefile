@@ -40,13 +40,15 @@ test-embedded: install
 test-services: install
 	CHAINSAGA_TEST_BACKEND=services $(PY) -m pytest $(PYTEST_ARGS)
 
-# The chaos soak: 2,000 orders in both flows while worker children, a whole worker, Redis and
-# PostgreSQL are killed and restarted, then invariant checks (report in docs/chaos/, exit 1 on a
-# violation). Starts private PostgreSQL/Redis instances; e.g. CHAOS_ARGS="--broker rabbitmq".
+# The chaos soak: 2,000 orders in both flows (a fifth through the API) while worker children, a
+# whole worker, Redis and PostgreSQL are killed, frozen and restarted, poison and forged messages
+# arrive, place_order v2 is deployed and an operator aborts sagas; then invariant checks (report in
+# docs/chaos/, exit 1 on a violation). Starts private PostgreSQL/Redis instances and gunicorn;
+# e.g. CHAOS_ARGS="--broker rabbitmq".
 chaos: install
 	$(PY) -m perf.chaos $(CHAOS_ARGS)
 
-# The same in about two minutes (a few hundred orders, every fault once or more): run by CI.
+# The same in about two minutes (300 orders, every fault class once or more): run by CI.
 chaos-short: install
 	$(PY) -m perf.chaos --short $(CHAOS_ARGS)
 

@@ -18,7 +18,11 @@ app.autodiscover_tasks()
 def _drop_unusable_db_connections(**kwargs) -> None:
     """What Django does before each request: close a connection that saw an error and no longer
     works (e.g. PostgreSQL restarted) or that is older than CONN_MAX_AGE, so the task reconnects.
-    Needed because connections are reused across tasks (CELERY_DB_REUSE_MAX)."""
+    Needed because connections are reused across tasks (CELERY_DB_REUSE_MAX). First, a connection
+    a previous task left inside a transaction is replaced (sagas.worker)."""
     from django.db import close_old_connections
 
+    from sagas.worker import reset_connections_left_in_a_transaction
+
+    reset_connections_left_in_a_transaction()
     close_old_connections()

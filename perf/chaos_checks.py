@@ -4,6 +4,8 @@ after django.setup(); every check is a selector of the app it belongs to."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from uuid import UUID
 
 from django.utils import timezone
 
@@ -18,6 +20,7 @@ from orders.selectors import (
 from payments.gateway import gateway
 from payments.selectors import provider_ledger_violations, provider_net_by_reference, provider_repeated_calls
 from sagas.models import OutboxEvent, SagaInstance
+from sagas.models import ParkedDelivery, SagaState
 from sagas.selectors import (
     consumer_duplicates_absorbed,
     consumer_inbox_gaps,
@@ -26,9 +29,12 @@ from sagas.selectors import (
     outbox_stream_gaps,
     outbox_stream_recoveries,
     outbox_unpublished,
+    rejected_message_counts,
     saga_recovery_counts,
+    saga_step_order_violations,
     sagas_unfinished,
 )
+from sagas.versions import saga_definition_mismatches
 
 # Each of these happens at most once per order in both flows; a second one is an effect that ran
 # twice (a duplicate delivery no inbox or idempotency key absorbed).
@@ -100,6 +106,73 @@ def run_checks(order_ids, *, initial_on_hand: dict[str, int]) -> list[Check]:
     return checks
 
 
+def log_order_check(sagas) -> Check:
+    """Forged and stray step messages (issue 9, case 2): none took effect."""
+    return Check("saga log order: no forged or stray step message took effect (forward steps completed in order, "
+                 "compensations only of steps that took effect)", sagas.count(), saga_step_order_violations(sagas))
+
+
+def versions_check(sagas) -> Check:
+    """The deploy mid-run (issue 9, case 3): each saga ran on the definition it started with."""
+    return Check("versions: every saga ran on the definition registered for its version (fingerprint)", sagas.count(),
+                 saga_definition_mismatches(sagas))
+
+
+# A poison message is recorded before its rejection is acknowledged: a pool child killed in between
+# (the soak kills one every few seconds) has it delivered and recorded again, at least once as
+# every delivery is. More than this many records is a message requeued in a loop.
+POISON_RECORDS_AT_MOST = 3
+
+
+def poison_check(tokens: list[str]) -> Check:
+    """Poison messages (issue 9, case 1): each one the soak sent was refused and recorded; one never
+    recorded was lost (or never refused), one recorded again and again is looping."""
+    counts = rejected_message_counts(tokens)
+    return Check(f"poison messages: each rejected and recorded (RejectedMessage), at least once and at most "
+                 f"{POISON_RECORDS_AT_MOST} times", len(tokens),
+                 [f"poison message {token} recorded {n} times" for token, n in counts.items()
+                  if not 1 <= n <= POISON_RECORDS_AT_MOST])
+
+
+def poison_recorded_again(tokens: list[str]) -> int:
+    """Records beyond the first, of the poison messages the soak sent (deliveries cut short)."""
+    return sum(max(0, n - 1) for n in rejected_message_counts(tokens).values())
+
+
+def abort_check(aborts: list[tuple[str, int | None]]) -> Check:
+    """Operator aborts: a saga whose abort was accepted (202) is undone, never completed."""
+    accepted = [saga_id for saga_id, status in aborts if status == 202]
+    states = dict(SagaInstance.objects.filter(pk__in=accepted).values_list("pk", "state"))
+    return Check("operator abort: every saga whose abort was accepted (202) was undone, not completed", len(accepted),
+                 [f"saga {saga_id} was aborted (202) but ended {states.get(UUID(saga_id), 'missing')}" for saga_id in accepted
+                  if states.get(UUID(saga_id)) not in (SagaState.COMPENSATED, SagaState.FAILED)])
+
+
+def thaw_check(thawed: list[dict]) -> Check:
+    """A worker frozen (SIGSTOP) and resumed took tasks again: it came back, it did not just stay alive.
+    Each entry: the worker's name and what it logged after SIGCONT."""
+    return Check("a frozen worker came back: it ran tasks again after SIGCONT", len(thawed),
+                 [f"{t['worker']} ran no task after SIGCONT" for t in thawed if " succeeded in " not in t["log_after"]])
+
+
+def exercised_check(evidence: dict[str, int]) -> Check:
+    """Each fault class happened at least once (else the run proves nothing about it)."""
+    return Check("every fault class exercised at least once", len(evidence),
+                 [f"{what}: none" for what, n in evidence.items() if not n])
+
+
+def sagas_in_logs(paths, *, name: str, version: int) -> set[str]:
+    """The ids of the sagas of `name` v`version` whose transitions these worker logs show (the
+    engine logs each one: saga_transition saga=<id> name=<name> v=<version> ...)."""
+    needle = f" name={name} v={version} "
+    found = set()
+    for path in paths:
+        for line in Path(path).read_text(errors="replace").splitlines():
+            if "saga_transition saga=" in line and needle in line:
+                found.add(line.split("saga_transition saga=", 1)[1].split()[0])
+    return found
+
+
 def _stream_check() -> Check:
     """Every event published in the run, before the Redis restart as well as after it: the relay
     must have put back what the restart lost."""
@@ -120,4 +193,6 @@ def recovery_counts(order_ids) -> dict[str, int]:
     streams = outbox_stream_recoveries()
     counts["Redis streams found to have lost entries (repaired by the relay)"] = streams["recoveries"]
     counts["events published again to a stream after a loss"] = streams["republished"]
+    parked = ParkedDelivery.objects.all()
+    counts["consumer deliveries given up once, parked and settled (pm_blackhole, choreographed)"] = parked.filter(settled=True).count()
     return counts

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, InterfaceError, OperationalError, connection
 from django.utils import timezone
 
 log = logging.getLogger("sagas")
@@ -26,14 +26,17 @@ def message_reject_record(*, reason: str, body, queue: str = "", task: str = "",
         queue or "?", task or "?", reason[:500], text[:LOG_BODY],
         extra={"event": "message_rejected", "queue": queue, "task": task},
     )
+    row = RejectedMessage(
+        received_at=timezone.now(), queue=queue[:200], task=task[:200], reason=reason[:2000], body=text[: RejectedMessage.MAX_BODY]
+    )
     try:
-        RejectedMessage.objects.create(
-            received_at=timezone.now(),
-            queue=queue[:200],
-            task=task[:200],
-            reason=reason[:2000],
-            body=text[: RejectedMessage.MAX_BODY],
-        )
+        try:
+            row.save(force_insert=True)
+        except (OperationalError, InterfaceError):
+            # Most often a connection the server cut since its last use (PostgreSQL restarted while
+            # the worker idled): once more on a new one. Still failing: the database is down.
+            connection.close()
+            row.save(force_insert=True)
     except DatabaseError as exc:
         log.warning("message_rejected_not_recorded queue=%s: %s", queue or "?", type(exc).__name__)
     finally:

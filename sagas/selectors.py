@@ -8,12 +8,15 @@ from django.db.models import Count, Exists, F, Min, OuterRef, Q, Sum
 from sagas.models import (
     ACTIVE_STATES,
     ConsumerDelivery,
+    Direction,
     InboxMessage,
     OutboxEvent,
     OutboxStream,
+    RejectedMessage,
     SagaInstance,
     SagaState,
     StepExecution,
+    StepState,
 )
 
 
@@ -126,3 +129,50 @@ def saga_recovery_counts(sagas=None) -> dict[str, int]:
         "sagas re-driven by the sweeper": redrives["sagas"] or 0,
         "re-drives": redrives["total"] or 0,
     }
+
+
+def saga_step_order_violations(sagas=None) -> list[str]:
+    """What the saga log shows ran out of turn (rule 13), one line per saga and problem: a forward
+    step COMPLETED while an earlier one is not, forward steps that completed in another order than
+    their positions, and a compensation that ran for a step that never took effect (neither
+    COMPLETED nor FAILED with an uncertain outcome)."""
+    sagas = SagaInstance.objects.all() if sagas is None else sagas
+    rows = StepExecution.objects.filter(saga__in=sagas).order_by("saga_id", "position").values_list(
+        "saga_id", "name", "position", "direction", "state", "finished_at", "outcome_uncertain"
+    )
+    by_saga: dict = {}
+    for saga_id, *row in rows:
+        by_saga.setdefault(saga_id, []).append(row)
+    violations = []
+    for saga_id, steps in by_saga.items():
+        forward = [s for s in steps if s[2] == Direction.FORWARD]
+        took_effect = {name for name, _, _, state, _, uncertain in forward
+                       if state == StepState.COMPLETED or (state == StepState.FAILED and uncertain)}
+        not_done = None
+        last_finished = None
+        for name, _, _, state, finished_at, _ in forward:
+            if state != StepState.COMPLETED:
+                not_done = not_done or (name, state)
+                continue
+            if not_done:
+                violations.append(f"saga {saga_id}: {name} COMPLETED while the earlier {not_done[0]} is {not_done[1]}")
+            if last_finished and finished_at and finished_at < last_finished[1]:
+                violations.append(f"saga {saga_id}: {name} completed before the earlier {last_finished[0]}")
+            last_finished = (name, finished_at) if finished_at else last_finished
+        for name, _, direction, state, _, _ in steps:
+            if direction == Direction.COMPENSATE and state != StepState.PENDING and name not in took_effect:
+                violations.append(f"saga {saga_id}: compensation of {name} is {state} but {name} never took effect")
+    return violations
+
+
+def rejected_message_counts(tokens) -> dict[str, int]:
+    """How many RejectedMessage rows carry each token (sagas.testing.poison): a message a worker
+    refused is recorded once."""
+    tokens = list(tokens)
+    if not tokens:
+        return {}
+    anyone = Q()
+    for token in tokens:
+        anyone |= Q(body__contains=token)
+    bodies = list(RejectedMessage.objects.filter(anyone).values_list("body", flat=True))
+    return {token: sum(token in body for body in bodies) for token in tokens}

@@ -78,3 +78,22 @@ def versions_in_use() -> list[VersionInUse]:
 
 def describe_states(states: dict[str, int]) -> str:
     return ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+
+
+def saga_definition_mismatches(sagas=None) -> list[str]:
+    """Sagas whose recorded definition is not the one this process registers under their name and
+    version (a saga that would go on, or went on, under another process than it started with), or
+    whose version is not registered at all; one line per (name, version, fingerprint)."""
+    sagas = SagaInstance.objects.all() if sagas is None else sagas
+    rows = sagas.values("name", "version", "definition_fingerprint").annotate(n=Count("pk")).order_by("name", "version")
+    registry = {(d.name, d.version): d for d in registered()}
+    mismatches = []
+    for row in rows:
+        label = f"{row['name']} v{row['version']}"
+        definition = registry.get((row["name"], row["version"]))
+        if definition is None:
+            mismatches.append(f"{row['n']} saga(s) of {label}: no such definition is registered")
+        elif row["definition_fingerprint"] != definition.fingerprint:
+            mismatches.append(f"{row['n']} saga(s) of {label} started on definition {row['definition_fingerprint'][:12] or '(none)'}, "
+                              f"registered is {definition.fingerprint[:12]}")
+    return mismatches

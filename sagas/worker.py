@@ -235,3 +235,34 @@ class WorkerConsumer(Consumer):
         if self.connection is not None:
             self.connection.close = lambda: None  # this connection object only; it is dropped next
         super().on_connection_error_after_connected(exc)
+
+
+# --- the database connection between tasks ----------------------------------------------------------
+
+
+def reset_connections_left_in_a_transaction() -> list[str]:
+    """Before a task: replace any database connection that is still inside a transaction. No task
+    starts inside one; a previous task left it there when an exception raised asynchronously (the
+    soft time limit) landed inside Django's transaction bookkeeping. Such a connection only ever
+    makes savepoints, so its writes are never committed, and once closed it cannot be dropped:
+    every later task on that pool process failed with 'the connection is closed' (found by
+    `make chaos`). Returns the aliases it reset."""
+    from django.db import connections
+
+    reset = []
+    for conn in connections.all(initialized_only=True):
+        if not conn.in_atomic_block:
+            continue
+        log.error("db_connection_reset alias=%s: a task started inside a transaction a previous task left open; reconnecting", conn.alias)
+        try:
+            if conn.connection is not None:
+                conn.connection.close()  # the server rolls the open transaction back
+        except Exception:  # noqa: BLE001 - closing a connection that is broken anyway
+            pass
+        # What connect() clears, cleared now: the next atomic block must begin a transaction, not
+        # a savepoint. The next query connects afresh.
+        conn.connection = None
+        conn.in_atomic_block, conn.needs_rollback, conn.closed_in_transaction = False, False, False
+        conn.savepoint_ids, conn.atomic_blocks = [], []
+        reset.append(conn.alias)
+    return reset

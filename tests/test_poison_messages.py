@@ -2,7 +2,6 @@
 whose arguments do not fit its task, is rejected without requeue and recorded, and the worker goes
 on consuming, on Redis and on RabbitMQ, with one pool process and with two."""
 
-import base64
 import json
 import socket
 import time
@@ -10,10 +9,11 @@ import uuid
 
 import pytest
 from django.conf import settings
-from kombu import Connection, Queue
+from kombu import Connection
 
 from sagas.models import RejectedMessage
 from sagas.testing import CeleryWorker, subprocess_environment
+from sagas.testing.poison import send_poison
 
 pytestmark = pytest.mark.django_db(transaction=True)
 BROKERS = "a Redis and a RabbitMQ broker"
@@ -27,72 +27,6 @@ def rabbitmq_answers() -> bool:
             return True
     except OSError:
         return False
-
-
-def task_headers(task: str, marker: str, **extra) -> dict:
-    return {"lang": "py", "task": task, "id": marker, "retries": 0, "root_id": marker, "parent_id": None,
-            "argsrepr": "", "kwargsrepr": "", "origin": "attacker", "ignore_result": True, **extra}
-
-
-def task_messages(marker: str) -> list[tuple[str, dict, str, str]]:
-    """(name, headers, body, content type) of task messages that no worker can run."""
-    saga = str(uuid.uuid4())
-    return [
-        ("body of the wrong shape", task_headers("sagas.run_step", f"{marker}-shape"), json.dumps({"a": 1}), "application/json"),
-        ("arguments that do not fit", task_headers("sagas.run_step", f"{marker}-args"),
-         json.dumps([[], {"nope": 1}, {}]), "application/json"),
-        ("arguments of the wrong form", task_headers("sagas.run_step", f"{marker}-form"),
-         json.dumps([[], {"saga_id": "x", "step": "s", "direction": "sideways"}, {}]), "application/json"),
-        ("a step of a saga that does not exist", task_headers("sagas.consume_event", f"{marker}-consumer"),
-         json.dumps([[], {"consumer": "nobody", "message": {"id": saga}}, {}]), "application/json"),
-        ("an unknown task", task_headers("sagas.no_such_task", f"{marker}-unknown"), json.dumps([[], {}, {}]), "application/json"),
-        ("a body that is not JSON", task_headers("sagas.run_step", f"{marker}-body"), "not json", "application/json"),
-        ("a pickled body", task_headers("sagas.run_step", f"{marker}-pickle"), "\x80\x04K\x01.", "application/x-python-serialize"),
-        ("headers without a task id", {"task": "sagas.run_step", "marker": f"{marker}-noid"}, json.dumps([[], {}, {}]), "application/json"),
-        ("a time limit that is not a number", task_headers("sagas.run_step", f"{marker}-limit", timelimit=["a", "b"]),
-         json.dumps([[], {}, {}]), "application/json"),
-        ("kwargs that are not an object", task_headers("sagas.run_step", f"{marker}-kwargs"), json.dumps([[], "x", {}]), "application/json"),
-        ("links that are not signatures", task_headers("sagas.run_step", f"{marker}-links"),
-         json.dumps([[], {}, {"callbacks": "notalist"}]), "application/json"),
-    ]
-
-
-def redis_envelope(queue: str, headers: dict, body: str, content_type: str, *, encoding: str = "base64") -> str:
-    encoded = base64.b64encode(body.encode("latin-1")).decode() if encoding == "base64" else body
-    return json.dumps({
-        "body": encoded, "content-encoding": "utf-8", "content-type": content_type, "headers": headers,
-        "properties": {"correlation_id": headers.get("id", "x"), "reply_to": "", "delivery_mode": 2,
-                       "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
-                       "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
-    })
-
-
-def send_poison_to_redis(queue: str, marker: str) -> list[str]:
-    import redis
-
-    raw = [
-        f"not json {marker}",
-        json.dumps([1, 2, marker]),
-        json.dumps({"body": marker}),  # no properties
-        redis_envelope(queue, task_headers("sagas.run_step", f"{marker}-b64"), f"%%% {marker}", "application/json", encoding="none"),
-    ]
-    raw += [redis_envelope(queue, headers, body, ctype) for _, headers, body, ctype in task_messages(marker)]
-    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    for item in raw:
-        client.lpush(queue, item)
-    return raw
-
-
-def send_poison_to_rabbitmq(queue: str, marker: str) -> list[str]:
-    messages = [("not json", {"marker": marker}, f"not json {marker}", "application/json"),
-                ("a list", {"marker": marker}, json.dumps([1, 2, marker]), "application/json"),
-                *task_messages(marker)]
-    with Connection(RABBITMQ_URL) as conn:
-        producer = conn.Producer()
-        for _, headers, body, ctype in messages:
-            producer.publish(body.encode("latin-1"), routing_key=queue, exchange="", headers=headers,
-                             content_type=ctype, content_encoding="binary", serializer=None, declare=[Queue(queue)])
-    return [name for name, *_ in messages]
 
 
 @pytest.mark.services(reason=BROKERS)
@@ -109,7 +43,7 @@ def test_a_worker_rejects_and_records_every_poison_message_and_keeps_consuming(b
     worker = CeleryWorker(queues=[queue], concurrency=concurrency, env=env).start()
     try:
         # Given garbage, wrong shapes, unknown tasks and misfitting arguments in the worker's queue
-        sent = send_poison_to_redis(queue, marker) if broker == "redis" else send_poison_to_rabbitmq(queue, marker)
+        sent = send_poison(RABBITMQ_URL if broker == "rabbitmq" else settings.CELERY_BROKER_URL, queue, marker=marker)
 
         # When a good message follows them
         good = _send_sweep(broker, queue)

@@ -182,3 +182,27 @@ def test_a_worker_survives_its_redis_broker_restarting_while_it_holds_a_message(
 
             assert worker.alive, worker.output()[-3000:]
             assert "Unrecoverable error" not in worker.output()
+
+
+def test_a_task_after_one_that_left_a_transaction_open_still_commits(saga_worker):
+    import uuid
+
+    from celery import current_app
+    from django.conf import settings
+
+    from tests.sagaapp.models import Effect
+
+    queue = f"{settings.CELERY_TASK_DEFAULT_QUEUE}-interrupted"
+    with CeleryWorker(queues=[queue], concurrency=1) as worker:  # one pool process: both tasks on one connection
+        current_app.send_task("tests.leave_a_transaction_open", queue=queue)
+        saga_id = str(uuid.uuid4())
+        current_app.send_task("tests.record_effect", kwargs={"saga_id": saga_id}, queue=queue)
+
+        worker.wait_for_output("tests.record_effect[")
+        deadline = time.monotonic() + 10
+        while not Effect.objects.filter(saga_id=saga_id).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+        assert Effect.objects.filter(saga_id=saga_id).count() == 1, worker.output()[-2000:]
+        assert "db_connection_reset alias=default" in worker.output()
+        assert not Effect.objects.filter(step="left-open").exists(), "the interrupted task's write was rolled back"
