@@ -518,3 +518,63 @@ def test_the_procfile_runs_a_control_worker_beside_the_step_worker():
 
     assert "-Q ${CELERY_TASK_DEFAULT_QUEUE:-chainsaga}-control" in procfile["control"]
     assert "-Q ${CELERY_TASK_DEFAULT_QUEUE:-chainsaga} " in procfile["worker"]
+
+
+RABBITMQ_FILE = REPO_ROOT / "docker-compose.rabbitmq.yml"
+RABBITMQ_SECRETS = {**COMPOSE_SECRETS, "RABBITMQ_PASSWORD": secrets.token_hex(16)}
+
+
+def _merged_with_rabbitmq(compose: dict) -> dict:
+    """docker-compose.yml with docker-compose.rabbitmq.yml laid over it as Compose merges them:
+    mappings merged key by key, the override's scalars winning."""
+
+    def merge(base, override):
+        if isinstance(base, dict) and isinstance(override, dict):
+            return {**base, **{key: merge(base.get(key), value) for key, value in override.items()}}
+        return override
+
+    return merge(compose, yaml.safe_load(RABBITMQ_FILE.read_text()))
+
+
+def test_the_rabbitmq_override_points_every_app_service_at_a_non_guest_broker_on_its_own_vhost(compose):
+    merged = _merged_with_rabbitmq(compose)
+    rabbitmq = merged["services"]["rabbitmq"]
+    server_env = _environment(rabbitmq, RABBITMQ_SECRETS)
+
+    assert server_env["RABBITMQ_DEFAULT_USER"] not in ("", "guest")
+    assert _has_healthcheck(rabbitmq)
+    for name in APP_SERVICES:
+        service = merged["services"][name]
+        broker = urlsplit(_environment(service, RABBITMQ_SECRETS)["CELERY_BROKER_URL"])
+
+        assert (broker.scheme, broker.hostname, broker.port) == ("amqp", "rabbitmq", 5672)
+        assert broker.username == server_env["RABBITMQ_DEFAULT_USER"]
+        assert broker.password == RABBITMQ_SECRETS["RABBITMQ_PASSWORD"]
+        assert broker.path.lstrip("/") == server_env["RABBITMQ_DEFAULT_VHOST"]
+        assert _depends_on(service)["rabbitmq"]["condition"] == "service_healthy"
+        # What the override does not name stays as docker-compose.yml has it.
+        assert _depends_on(service)["postgres"]["condition"] == "service_healthy"
+        assert _environment(service, RABBITMQ_SECRETS)["SECRET_KEY"] == RABBITMQ_SECRETS["SECRET_KEY"]
+
+
+def test_the_rabbitmq_override_has_no_default_password_and_refuses_to_start_without_it(compose):
+    merged = _merged_with_rabbitmq(compose)
+    references = re.findall(r"\$\{RABBITMQ_PASSWORD\b([^}]*)\}", RABBITMQ_FILE.read_text())
+    refused = []
+    for name, service in merged["services"].items():
+        try:
+            _environment(service, COMPOSE_SECRETS)
+        except MissingVariable:
+            refused.append(name)
+
+    assert references and all(reference.startswith(":?") for reference in references), references
+    assert set(APP_SERVICES) | {"rabbitmq"} <= set(refused)
+
+
+def test_check_deploy_on_the_compose_configuration_with_rabbitmq_prints_no_warnings(compose, tmp_path):
+    merged = _merged_with_rabbitmq(compose)
+    web = _environment(merged["services"]["web"], RABBITMQ_SECRETS)
+    result = run_python(production_env(tmp_path, **{**web, "CHAINSAGA_VAR_DIR": str(tmp_path)}), "manage.py", "check", "--deploy")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "System check identified no issues (1 silenced).", result.stdout + result.stderr
