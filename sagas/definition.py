@@ -128,6 +128,12 @@ class Step:
     # for external calls such as a charge whose response was lost on every try. Its compensation
     # must find out by the idempotency key whether the effect happened.
     compensate_uncertain: bool = False
+    # The action (and compensation) runs inside the step's transaction, and atomic blocks nested
+    # in it make no savepoint: if anything inside raises, the whole step rolls back anyway, and
+    # each savepoint costs two round trips. An action that catches a database error from a nested
+    # atomic block and goes on needs its savepoints back: set this. (Not in the fingerprint: it
+    # does not change what a saga in flight does.)
+    savepoints: bool = False
 
     def describe(self) -> dict:
         """The step as plain data: what decides how a saga in flight goes on (for the fingerprint)."""

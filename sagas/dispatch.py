@@ -95,16 +95,34 @@ def linked(signatures: Sequence[Signature]) -> Signature:
     return head
 
 
-def send_forward(saga_id: UUID, definition: Saga, *, from_position: int) -> None:
+# A message header on what the sweeper re-sends: the message before it may have died with its
+# worker without a trace, so the runner counts this delivery before running the step
+# (sagas.runner.Counting). Only the re-sent step's own message carries it, not the steps linked
+# after it. A header, not an argument, so a worker of the previous release still accepts it.
+REDRIVE_HEADER = "sagas_redrive"
+
+
+def send_forward(saga_id: UUID, definition: Saga, *, from_position: int, redrive: bool = False) -> None:
     steps = definition.steps[from_position:]
-    send(linked([step_signature(saga_id, step, FORWARD) for step in steps]), saga_id=saga_id)
+    sigs = [step_signature(saga_id, step, FORWARD) for step in steps]
+    if redrive:
+        _mark_redrive(sigs[0])
+    send(linked(sigs), saga_id=saga_id)
 
 
-def send_compensations(saga_id: UUID, definition: Saga, step_names: Sequence[str], *, direction: str) -> None:
+def send_compensations(saga_id: UUID, definition: Saga, step_names: Sequence[str], *, direction: str, redrive: bool = False) -> None:
     """Send the compensations of `step_names`, given newest first."""
     sigs = [step_signature(saga_id, definition.step(name), direction) for name in step_names]
     if definition.compensate_in_parallel:
         for sig in sigs:
+            if redrive:
+                _mark_redrive(sig)
             send(sig, saga_id=saga_id)
     else:
+        if redrive:
+            _mark_redrive(sigs[0])
         send(linked(sigs), saga_id=saga_id)
+
+
+def _mark_redrive(sig: Signature) -> None:
+    sig.set(headers={REDRIVE_HEADER: True})

@@ -20,6 +20,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 from redis.exceptions import RedisError
 
+from sagas import sql
 from sagas.models import OutboxEvent
 
 
@@ -38,24 +39,22 @@ def outbox_emit(
     """Record an event to publish. Must run inside transaction.atomic; raises OutsideTransaction."""
     if not connection.in_atomic_block:
         raise OutsideTransaction(f"{event_type} for {aggregate_type}:{aggregate_id} must be emitted inside transaction.atomic")
-    if connection.vendor == "postgresql":
-        # Sequence numbers are taken at insert, but transactions commit in their own order: two
-        # concurrent transactions emitting for one aggregate could commit n+1 before n, and the
-        # relay would publish them in that order. Serialising emitters per aggregate (until they
-        # commit) makes sequence order the commit order. SQLite writers are serial already.
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"outbox:{aggregate_type}:{aggregate_id}"])
     if settings.OUTBOX_RELAY_KICK and not any(callback is _kick_relay for _, callback, _ in connection.run_on_commit):
         # Publish right after the commit instead of waiting for the beat (once per transaction;
         # robust: a broker hiccup must not fail the committed request, the beat covers it).
         transaction.on_commit(_kick_relay, robust=True)
-    return OutboxEvent.objects.create(
+    event = OutboxEvent(
         aggregate_type=aggregate_type,
         aggregate_id=str(aggregate_id),
         event_type=event_type,
         payload=dict(payload),
         created_at=now or timezone.now(),
     )
+    # Sequence numbers are taken at insert, but transactions commit in their own order: two
+    # concurrent transactions emitting for one aggregate could commit n+1 before n, and the relay
+    # would publish them in that order. Serialising emitters per aggregate (a transaction-scoped
+    # lock, taken in the insert's own statement) makes sequence order the commit order.
+    return sql.outbox_insert(event, lock_key=f"outbox:{aggregate_type}:{aggregate_id}")
 
 
 # While a kick is queued and no relay has started since, a commit need not send another: that

@@ -1,59 +1,71 @@
-"""Running one step (or compensation) of a saga, and handling its final failure.
+"""Running one delivery of a step (or compensation), and handling a step's final failure.
 
-A step runs in two transactions:
-  1. record the delivery (committed before any work, so a worker killed mid-step leaves a count
-     behind; too many deliveries that never finished fail the step instead of looping). Usually
-     one UPDATE of the step row; a step that is not plainly runnable takes the locked path;
-  2. under the saga and step row locks: skip if the log says COMPLETED, else run the action and
-     record its outcome. The action's writes and the COMPLETED mark commit together; if the action
-     raises, the transaction rolls back whole and a third one records the failure or the retry.
+A delivery's life (`Delivery`): admit, run, then succeed or fail.
+
+  admit    under the saga row lock (one statement locks the saga and its steps of that
+           direction): the saga runs this direction, the log has the step, it is its turn, it has
+           no outcome yet, its delivery budget is not spent and the saga's deadline has not passed;
+  run      the action, inside the same transaction (fault injection and other interceptors
+           wrap it, sagas.interceptors);
+  succeed  the step's COMPLETED mark and the saga's progress in one statement, then commit: the
+           action's writes and the mark commit together (rule 2);
+  fail     the transaction rolls back whole, the action's writes with it, and a second one
+           records the attempt: a retry, or the final failure.
+
+So a step's first delivery is one transaction. Whether a delivery is counted before its action
+(`Counting`) depends on whether the one before it may have died without a trace: the broker
+flags what it delivers again (kombu's Redis transport flags the messages it restores, AMQP those
+it requeues), the sweeper marks what it re-sends, and a transport that cannot flag (the embedded
+one) gets every delivery counted first. A step that keeps killing its worker is failed after
+`max_deliveries` deliveries that never finished, whichever way they were counted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
-import os
-import signal
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
 
-from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import InterfaceError, OperationalError, connection, transaction
-from django.db.models import DateTimeField, Exists, F, OuterRef, Value
-from django.db.models.functions import Coalesce
+from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 
+from sagas import interceptors, sql
 from sagas.definition import FORWARD, HARD_LIMIT_GRACE, Saga, Step, StepContext, get_definition
-from sagas.exceptions import BusinessError, SagaNotFound, StepFailedEarlier, WorkerLostTooOften
-from sagas.faults import InjectedBusinessError, InjectedTransientError, fault_take
+from sagas.exceptions import BusinessError, StepFailedEarlier, WorkerLostTooOften
 from sagas.locks import lock_saga, lock_step
 from sagas.log import transition
-from sagas.models import FaultKind, SagaInstance, SagaState, StepExecution, StepState
+from sagas.models import SagaInstance, SagaState, StepExecution, StepState
 from sagas.services import (
+    FINISH_FIELDS,
     RUNS_FORWARD,
     UNFINISHED_STEP,
     saga_advance,
     saga_begin_compensation,
-    saga_finish,
     saga_finish_compensation_if_done,
+    saga_finished_hook,
+    saga_mark_finished,
     saga_touch,
 )
 from sagas.waits import is_infrastructure_error, limit_step_transaction
 
 log = logging.getLogger("sagas")
 
+Clock = Callable[[], datetime]
+
 
 class Outcome(enum.Enum):
     DONE = "done"  # completed now or earlier: the saga moves on
     RETRY = "retry"  # a transient failure; try again after `countdown`
     FAILED = "failed"  # final failure: raise `error` so the errback runs
-    STALE = "stale"  # the saga no longer runs this direction: drop the message
+    STALE = "stale"  # the saga no longer runs this direction, or it is not this step's turn: drop
 
 
 @dataclass(frozen=True)
@@ -63,37 +75,257 @@ class StepResult:
     error: BaseException | None = None
 
 
+class Counting(enum.Enum):
+    """When a delivery is counted against the step's delivery budget."""
+
+    IN_STEP = "in_step"  # with the step's outcome, in its transaction: a first delivery
+    BEFORE = "before"  # committed before the action: the sweeper re-sent it, or the transport cannot flag
+    AFTER_DEATH = "after_death"  # the broker redelivers: count the previous delivery's death too, then this one
+
+    @classmethod
+    def for_message(cls, *, transport_flags: bool, redelivered: bool, redriven: bool) -> Counting:
+        """`transport_flags`: the broker's transport flags a message it delivers again."""
+        if not transport_flags:
+            return cls.BEFORE
+        if redelivered:
+            return cls.AFTER_DEATH
+        return cls.BEFORE if redriven else cls.IN_STEP
+
+
 def step_run(
     *,
     saga_id: UUID | str,
     step_name: str,
     direction: str,
     republish: Callable[[], None],
-    now: Callable[[], datetime] = timezone.now,
+    counting: Counting = Counting.IN_STEP,
+    clock: Clock = timezone.now,
 ) -> StepResult:
-    """Run one delivery of a step or compensation. Never raises the action's exception: the
-    outcome says what the task must do. Raises SagaNotFound."""
-    faults = _faults(saga_id, step_name, direction)
-    if FaultKind.DUPLICATE in faults:
-        republish()
+    """Run one delivery of a step or compensation (`counting`: by default, that of a first
+    delivery on a transport that flags redeliveries). Never raises the action's exception: the outcome says what the task must do.
+    Raises SagaNotFound, and a database error for the task to retry (no attempt or delivery spent)."""
+    delivery = Delivery(
+        saga_id=saga_id,
+        step_name=step_name,
+        direction=direction,
+        counting=counting,
+        republish=republish,
+        clock=clock,
+        interceptors=interceptors.configured(),
+    )
+    return delivery.run()
 
-    early = _deliver(saga_id, step_name, direction, now=now())
-    if early is not None:
-        return early
-    if FaultKind.CRASH in faults:
-        _die(saga_id, step_name, "before commit")
-    try:
-        result = _execute(saga_id, step_name, direction, faults=faults, clock=now)
-    except (OperationalError, InterfaceError) as exc:
-        _release_delivery(saga_id, step_name, direction)  # the task retries this delivery
-        log.warning(
-            "saga_step_infrastructure_error saga=%s step=%s direction=%s: %s (retried; no attempt or delivery spent)",
-            saga_id, step_name, direction, _first_line(exc),
-        )
-        raise
-    if FaultKind.CRASH_AFTER_COMMIT in faults and result.outcome == Outcome.DONE:
-        _die(saga_id, step_name, "after commit")
-    return result
+
+@dataclass
+class Delivery:
+    saga_id: UUID | str
+    step_name: str
+    direction: str
+    counting: Counting
+    republish: Callable[[], None]
+    clock: Clock = timezone.now
+    interceptors: tuple[interceptors.Interceptor, ...] = ()
+    counted: bool = field(default=False, init=False)  # this delivery's count is committed
+
+    def run(self) -> StepResult:
+        for interceptor in self.interceptors:
+            interceptor.delivered(self)
+        result = self.count_before() if self.counting is not Counting.IN_STEP else None
+        if result is None:
+            try:
+                result = self._run_step()
+            except (OperationalError, InterfaceError) as exc:
+                self._release()
+                log.warning(
+                    "saga_step_infrastructure_error saga=%s step=%s direction=%s: %s (retried; no attempt or delivery spent)",
+                    self.saga_id, self.step_name, self.direction, _first_line(exc),
+                )
+                raise
+        for interceptor in self.interceptors:
+            interceptor.finished(self, result)
+        return result
+
+    def count_before(self) -> StepResult | None:
+        """Commit this delivery's count (and a death the broker tells of) before any work.
+        Returns an early result, or None to go on and run the step."""
+        now = self.clock()
+        if self.counting is Counting.BEFORE and self.direction == FORWARD:
+            if sql.count_delivery(self.saga_id, self.step_name, self.direction, now=now):
+                self.counted = True
+                return None
+        with transaction.atomic():
+            # A redelivery also counts the death the broker tells of, unless that delivery was
+            # counted already (_admit sees it in the log).
+            admitted = self._admit(now, count=2 if self.counting is Counting.AFTER_DEATH else 1)
+            if isinstance(admitted, StepResult):
+                return admitted
+            saga, _, _, execution = admitted
+            _mark(saga, execution, StepState.RUNNING, now=now)
+            execution.save()
+        self.counted = True
+        return None
+
+    def _run_step(self) -> StepResult:
+        """The step's transaction: admit, run the action, record success; on failure, record it
+        in a second transaction. The action runs without a savepoint of its own: if it raises,
+        the whole transaction rolls back."""
+        now = self.clock()
+        with transaction.atomic():
+            admitted = self._admit(now, count=0 if self.counted else 1)
+            if isinstance(admitted, StepResult):
+                return admitted
+            saga, definition, step, execution = admitted
+            limit_step_transaction(step)
+            _saga_running(saga, self.direction)
+            transition(saga, "delivered", StepState.RUNNING, step=step.name, direction=self.direction, detail=f"delivery {execution.deliveries}")
+            context = _context(saga, execution, now=now)
+            try:
+                value = self._call(step, context)
+            except Exception as exc:  # noqa: BLE001 - the boundary around user code: recorded below
+                if is_infrastructure_error(exc):
+                    # The database went away or a lock was not granted in time (a frozen process
+                    # holds it): not the step's failure. The task retries the delivery.
+                    raise
+                error = exc
+                transaction.set_rollback(True)
+            else:
+                self._succeed(saga, definition, step, execution, value)
+                return StepResult(Outcome.DONE)
+        return self._fail(error)
+
+    def _call(self, step: Step, context: StepContext):
+        function = step.function(self.direction)
+
+        def action():
+            with contextlib.nullcontext() if step.savepoints else _savepoints_off():
+                try:
+                    value = function(context) if function else None
+                except TransactionManagementError as exc:
+                    raise TransactionManagementError(
+                        f"{exc} (step {step.name} runs without savepoints: an error inside one of its atomic blocks "
+                        "rolls the whole step back; an action that catches such errors and goes on needs "
+                        "Step(..., savepoints=True))"
+                    ) from exc
+            return json.loads(json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False))
+
+        call = action
+        for interceptor in reversed(self.interceptors):
+            call = (lambda inner, i: lambda: i.call(self, inner))(call, interceptor)
+        return call()
+
+    def _admit(self, now: datetime, *, count: int):
+        """Under the saga and step locks: (saga, definition, step, execution) for a delivery that
+        may run the step, or the StepResult that says why it may not. `count`: deliveries to add
+        to the step's count now (this one, and a death the broker told of); they are saved by
+        whoever saves the step row in this transaction."""
+        locked = sql.lock_saga_and_steps(self.saga_id, self.direction)
+        saga, executions = locked if locked is not None else (lock_saga(self.saga_id), [])
+        if not _runs(saga, self.direction):
+            log.info("saga_stale_message saga=%s step=%s direction=%s state=%s", saga.id, self.step_name, self.direction, saga.state)
+            return StepResult(Outcome.STALE)
+        definition = get_definition(saga.name, saga.version)
+        execution = next((e for e in executions if e.name == self.step_name), None)
+        if execution is None:
+            # No such step, or a compensation of a step the log does not show as having taken effect.
+            log.warning("saga_message_dropped saga=%s step=%s direction=%s: the saga log has no such step", saga.id, self.step_name, self.direction)
+            return StepResult(Outcome.STALE)
+        if execution.state == StepState.COMPLETED:
+            # redelivered, or a concurrent delivery finished it while this one waited
+            log.info("saga_step_redelivered saga=%s step=%s direction=%s: already completed", saga.id, self.step_name, self.direction)
+            return StepResult(Outcome.DONE)
+        waiting_for = _not_its_turn(definition, execution, executions)
+        if waiting_for:
+            # A stray or forged message: the log decides what may run (rule 13). Not counted as a
+            # delivery, so such messages cannot spend the step's budget either.
+            log.warning(
+                "saga_message_dropped saga=%s step=%s direction=%s: out of order, waiting for %s",
+                saga.id, self.step_name, self.direction, ", ".join(waiting_for),
+            )
+            return StepResult(Outcome.STALE)
+        if count > 1 and execution.deliveries > execution.attempts:
+            count -= 1  # the death the broker told of was counted already (that delivery counted itself first)
+        if count:
+            execution.deliveries += count
+            execution.started_at = execution.started_at or now
+        early = _budget_or_deadline(saga, definition, execution, self.direction, now=now)
+        if early is not None:
+            return early
+        return saga, definition, definition.step(self.step_name), execution
+
+    def _succeed(self, saga: SagaInstance, definition: Saga, step: Step, execution: StepExecution, value) -> None:
+        now = self.clock()
+        execution.attempts += 1
+        execution.result = value
+        _mark(saga, execution, StepState.COMPLETED, now=now)
+        if self.direction != FORWARD:
+            execution.save()
+            saga_touch(saga, now=now, expect_within=step.timeout)
+            saga.save(update_fields=["updated_at", "stuck_after"])
+            saga_finish_compensation_if_done(saga, now=now)
+            return
+        position = definition.position(step.name)
+        last = position == len(definition.steps) - 1
+        if last:
+            saga_mark_finished(saga, SagaState.COMPLETED, now=now)
+            saga_fields = FINISH_FIELDS
+        else:
+            saga_touch(saga, now=now, expect_within=definition.steps[position + 1].timeout)
+            saga_fields = ("state", "updated_at", "stuck_after")
+        sql.save_step_and_saga(execution, _COMPLETED_FIELDS, saga, saga_fields)
+        if last:
+            saga_finished_hook(saga)
+
+    def _fail(self, error: BaseException) -> StepResult:
+        """After the action raised and its transaction rolled back: count the attempt (and this
+        delivery, unless counted before) and schedule a retry, or fail the step and run its
+        on_failure hook, in the same transaction."""
+        now = self.clock()
+        with transaction.atomic():
+            admitted = self._admit(now, count=0 if self.counted else 1)
+            if isinstance(admitted, StepResult):
+                return admitted  # meanwhile another delivery finished the step, or the saga moved on
+            saga, definition, step, execution = admitted
+            _saga_running(saga, self.direction)
+            context = _context(saga, execution, now=now)
+            execution.attempts += 1
+            policy = step.policy(self.direction)
+            detail = _describe(error)
+            if policy.is_retryable(error) and execution.attempts < policy.max_attempts:
+                countdown = policy.delay(execution.attempts)
+                _mark(saga, execution, StepState.RETRYING, now=now, error=detail, detail=f"retry in {countdown:.2f}s")
+                execution.save()
+                saga_touch(saga, now=now, expect_within=countdown + step.timeout)
+                saga.save(update_fields=["state", "updated_at", "stuck_after"])
+                return StepResult(Outcome.RETRY, countdown=countdown, error=error)
+            _mark(saga, execution, StepState.FAILED, now=now, error=detail)
+            execution.reason = _client_reason(error)
+            execution.outcome_uncertain = not isinstance(error, BusinessError)
+            execution.save()
+            saga.save(update_fields=["state"])
+            if self.direction == FORWARD and step.on_failure is not None:
+                step.on_failure(context, error)
+            return StepResult(Outcome.FAILED, error=error)
+
+    def _release(self) -> None:
+        """Uncount a delivery counted before its action that a database error interrupted before
+        it recorded an outcome. Best effort: if the database is still unreachable the delivery
+        stays counted as lost."""
+        if not self.counted:
+            return  # counted only with an outcome, which was rolled back
+        try:
+            if not connection.in_atomic_block:
+                connection.close_if_unusable_or_obsolete()  # reconnect if the error broke the connection
+            with transaction.atomic():
+                saga = lock_saga(self.saga_id)
+                execution = lock_step(saga, self.step_name, self.direction)
+                if execution is not None and execution.state == StepState.RUNNING and execution.deliveries > execution.attempts:
+                    execution.deliveries -= 1
+                    execution.save(update_fields=["deliveries"])
+        except (OperationalError, InterfaceError):
+            log.warning("saga_delivery_not_released saga=%s step=%s direction=%s", self.saga_id, self.step_name, self.direction)
+
+
+_COMPLETED_FIELDS = ("state", "attempts", "deliveries", "result", "started_at", "finished_at")
 
 
 def step_failure_handle(*, saga_id: UUID | str, step_name: str, direction: str, failed_task_id: str) -> None:
@@ -151,78 +383,28 @@ def step_failure_handle(*, saga_id: UUID | str, step_name: str, direction: str, 
             saga_advance(saga, definition, now=now)
 
 
+@contextlib.contextmanager
+def _savepoints_off():
+    """Atomic blocks opened inside make no savepoint (Step.savepoints), on every backend alike:
+    Django's atomic asks the connection whether one is allowed, and this connection answers "no"
+    until the block ends (an instance attribute over the backend's method; deleted, the method
+    answers again)."""
+    connection._savepoint_allowed = _never
+    try:
+        yield
+    finally:
+        del connection._savepoint_allowed
+
+
+def _never() -> bool:
+    return False
+
+
 def _runs(saga: SagaInstance, direction: str) -> bool:
     return saga.state in RUNS_FORWARD if direction == FORWARD else saga.state == SagaState.COMPENSATING
 
 
-def _faults(saga_id, step_name: str, direction: str) -> frozenset[str]:
-    if not settings.SAGAS_FAULT_INJECTION:
-        return frozenset()
-    try:
-        saga = SagaInstance.objects.get(pk=saga_id)
-    except SagaInstance.DoesNotExist:
-        raise SagaNotFound(f"saga {saga_id} does not exist") from None
-    return fault_take(saga=saga, step=step_name, direction=direction)
-
-
-def _deliver(saga_id, step_name: str, direction: str, *, now: datetime) -> StepResult | None:
-    """Transaction 1: record this delivery before any work. Returns an early result, or None to
-    go on and run the step."""
-    if _count_delivery(saga_id, step_name, direction, now=now):
-        return None
-    return _record_delivery(saga_id, step_name, direction, now=now)
-
-
-def _count_delivery(saga_id, step_name: str, direction: str, *, now: datetime) -> bool:
-    """Transaction 1, the common case in one statement: count the delivery of a step that its
-    saga runs now, that has no outcome yet and no earlier delivery that died unfinished, and show
-    it RUNNING. False when that is not so (done, failed, stale, unknown saga, a delivery lost
-    before): _record_delivery then decides under the locks, the delivery budget included.
-
-    Taking no saga lock here is safe: the single UPDATE holds only the step row, and only for the
-    statement, so it cannot take part in a deadlock; transaction 2 checks everything again under
-    both locks before running anything."""
-    if direction != FORWARD:
-        return False  # compensations are rare: their turn is checked under the locks
-    # The step's own state must be tested on the row itself, not through a join (which Django
-    # turns into `id IN (subquery)`): a delivery that waited for the row lock while another
-    # completed the step must see COMPLETED on the row as committed, and not match.
-    counted = StepExecution.objects.filter(
-        Exists(SagaInstance.objects.filter(pk=OuterRef("saga_id"), state__in=RUNS_FORWARD)),
-        ~Exists(_earlier_unfinished_forward()),  # its turn: every earlier step COMPLETED (rule 13)
-        saga_id=saga_id,
-        name=step_name,
-        direction=direction,
-        state__in=(StepState.PENDING, StepState.RUNNING, StepState.RETRYING),
-        deliveries=F("attempts"),  # no earlier delivery died unfinished: no budget to check
-    ).update(
-        deliveries=F("deliveries") + 1,
-        state=StepState.RUNNING,
-        started_at=Coalesce(F("started_at"), Value(now, output_field=DateTimeField())),
-    )
-    return counted == 1
-
-
-def _earlier_unfinished_forward():
-    return StepExecution.objects.filter(
-        saga_id=OuterRef("saga_id"), direction=FORWARD, position__lt=OuterRef("position")
-    ).exclude(state=StepState.COMPLETED)
-
-
-def _record_delivery(saga_id, step_name: str, direction: str, *, now: datetime) -> StepResult | None:
-    """Transaction 1 under the saga and step locks. Returns an early result, or None to go on and
-    run the step."""
-    with transaction.atomic():
-        admitted = _lock_and_admit(saga_id, step_name, direction, now=now, counting=True)
-        if isinstance(admitted, StepResult):
-            return admitted
-        saga, _, _, execution = admitted
-        _mark(saga, execution, StepState.RUNNING, now=now)
-        execution.save()
-    return None
-
-
-def _admit(saga: SagaInstance, definition: Saga, execution: StepExecution, direction: str, *, now: datetime) -> StepResult | None:
+def _budget_or_deadline(saga: SagaInstance, definition: Saga, execution: StepExecution, direction: str, *, now: datetime) -> StepResult | None:
     """Whether this delivery (counted already) may run the step: not after a recorded failure,
     past the saga's deadline, or once too many deliveries never finished. Under the locks."""
     if execution.state == StepState.FAILED:
@@ -249,104 +431,17 @@ def _admit(saga: SagaInstance, definition: Saga, execution: StepExecution, direc
     return None
 
 
-def _release_delivery(saga_id, step_name: str, direction: str) -> None:
-    """Uncount a delivery that a database error interrupted before it recorded an outcome. Best
-    effort: if the database is still unreachable the delivery stays counted as lost."""
-    try:
-        if not connection.in_atomic_block:
-            connection.close_if_unusable_or_obsolete()  # reconnect if the error broke the connection
-        with transaction.atomic():
-            saga = lock_saga(saga_id)
-            execution = lock_step(saga, step_name, direction)
-            if execution is not None and execution.state == StepState.RUNNING and execution.deliveries > execution.attempts:
-                execution.deliveries -= 1
-                execution.save(update_fields=["deliveries"])
-    except (OperationalError, InterfaceError):
-        log.warning("saga_delivery_not_released saga=%s step=%s direction=%s", saga_id, step_name, direction)
-
-
-def _execute(saga_id, step_name: str, direction: str, *, faults: frozenset[str], clock: Callable[[], datetime]) -> StepResult:
-    """Transaction 2: run the action and record its outcome, or find it already done. The action
-    runs in this transaction without a savepoint of its own (two round trips per step saved): if
-    it raises, the whole transaction rolls back, its writes with it, and _record_failure records
-    the failure in a new one."""
-    now = clock()
-    with transaction.atomic():
-        admitted = _lock_and_admit(saga_id, step_name, direction, now=now)
-        if isinstance(admitted, StepResult):
-            return admitted
-        saga, definition, step, execution = admitted
-        limit_step_transaction(step)
-        _saga_running(saga, direction)
-        transition(saga, "delivered", StepState.RUNNING, step=step_name, direction=direction, detail=f"delivery {execution.deliveries}")
-        context = _context(saga, execution, now=now)
-        try:
-            value = _call(step, direction, context, faults)
-        except Exception as exc:  # noqa: BLE001 - the boundary around user code: recorded below
-            if is_infrastructure_error(exc):
-                # The database went away or a lock was not granted in time (a frozen process holds
-                # it): not the step's failure. step_run releases the delivery; the task retries.
-                raise
-            error = exc
-            transaction.set_rollback(True)
-        else:
-            now = clock()
-            execution.attempts += 1
-            execution.result = value
-            _mark(saga, execution, StepState.COMPLETED, now=now)
-            execution.save()
-            _after_completion(saga, definition, step, direction, now=now)
-            return StepResult(Outcome.DONE)
-    return _record_failure(saga_id, step_name, direction, error, now=clock())
-
-
-def _lock_and_admit(saga_id, step_name: str, direction: str, *, now: datetime, counting: bool = False):
-    """Under the saga and step locks: (saga, definition, step, execution) for a delivery that may
-    run the step, or the StepResult that says why it may not. `counting`: this delivery is not
-    counted yet (the locked path of transaction 1); count it before checking the budget."""
-    saga = lock_saga(saga_id)
-    if not _runs(saga, direction):
-        log.info("saga_stale_message saga=%s step=%s direction=%s state=%s", saga.id, step_name, direction, saga.state)
-        return StepResult(Outcome.STALE)
-    definition = get_definition(saga.name, saga.version)
-    execution = lock_step(saga, step_name, direction)
-    if execution is None:
-        # No such step, or a compensation of a step the log does not show as having taken effect.
-        log.warning("saga_message_dropped saga=%s step=%s direction=%s: the saga log has no such step", saga.id, step_name, direction)
-        return StepResult(Outcome.STALE)
-    if execution.state == StepState.COMPLETED:
-        # redelivered, or a concurrent delivery finished it while this one waited
-        log.info("saga_step_redelivered saga=%s step=%s direction=%s: already completed", saga.id, step_name, direction)
-        return StepResult(Outcome.DONE)
-    waiting_for = _not_its_turn(saga, definition, execution)
-    if waiting_for:
-        # A stray or forged message: the log decides what may run (rule 13). Not counted as a
-        # delivery, so such messages cannot spend the step's budget either.
-        log.warning(
-            "saga_message_dropped saga=%s step=%s direction=%s: out of order, waiting for %s",
-            saga.id, step_name, direction, ", ".join(waiting_for),
-        )
-        return StepResult(Outcome.STALE)
-    if counting:
-        execution.deliveries += 1
-    early = _admit(saga, definition, execution, direction, now=now)
-    if early is not None:
-        return early
-    return saga, definition, definition.step(step_name), execution
-
-
-def _not_its_turn(saga: SagaInstance, definition: Saga, execution: StepExecution) -> list[str]:
-    """The steps that must finish before this one may run: for a forward step every earlier
-    forward step not COMPLETED; for a compensation run newest-first, every newer compensation not
-    finished yet. Empty when it is this step's turn."""
-    steps = StepExecution.objects.filter(saga=saga, direction=execution.direction)
+def _not_its_turn(definition: Saga, execution: StepExecution, executions: list[StepExecution]) -> list[str]:
+    """The steps that must finish before this one may run, from its saga's steps of the same
+    direction: for a forward step every earlier one not COMPLETED; for a compensation run
+    newest-first, every newer one not finished yet. Empty when it is this step's turn."""
     if execution.direction == FORWARD:
-        blocking = steps.filter(position__lt=execution.position).exclude(state=StepState.COMPLETED)
+        blocking = [e for e in executions if e.position < execution.position and e.state != StepState.COMPLETED]
     elif definition.compensate_in_parallel:
         return []
     else:
-        blocking = steps.filter(position__gt=execution.position, state__in=UNFINISHED_STEP)
-    return [f"{name} ({state})" for name, state in blocking.order_by("position").values_list("name", "state")]
+        blocking = [e for e in executions if e.position > execution.position and e.state in UNFINISHED_STEP]
+    return [f"{e.name} ({e.state})" for e in sorted(blocking, key=lambda e: e.position)]
 
 
 def _saga_running(saga: SagaInstance, direction: str) -> None:
@@ -368,60 +463,6 @@ def _context(saga: SagaInstance, execution: StepExecution, *, now: datetime) -> 
         attempt=execution.attempts + 1,
         now=now,
     )
-
-
-def _call(step: Step, direction: str, context: StepContext, faults: frozenset[str]):
-    if FaultKind.BUSINESS in faults:
-        raise InjectedBusinessError(f"injected business failure in {step.name}")
-    if FaultKind.TRANSIENT in faults:
-        raise InjectedTransientError(f"injected transient failure in {step.name}")
-    function = step.function(direction)
-    value = function(context) if function else None
-    return json.loads(json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False))
-
-
-def _record_failure(saga_id, step_name: str, direction: str, error: BaseException, *, now: datetime) -> StepResult:
-    """After the action raised and its transaction rolled back: count the attempt and schedule a
-    retry, or fail the step (and run its on_failure hook, in the same transaction)."""
-    with transaction.atomic():
-        admitted = _lock_and_admit(saga_id, step_name, direction, now=now)
-        if isinstance(admitted, StepResult):
-            return admitted  # meanwhile another delivery finished the step, or the saga moved on
-        saga, definition, step, execution = admitted
-        _saga_running(saga, direction)
-        context = _context(saga, execution, now=now)
-        execution.attempts += 1
-        policy = step.policy(direction)
-        detail = _describe(error)
-        if policy.is_retryable(error) and execution.attempts < policy.max_attempts:
-            countdown = policy.delay(execution.attempts)
-            _mark(saga, execution, StepState.RETRYING, now=now, error=detail, detail=f"retry in {countdown:.2f}s")
-            execution.save()
-            saga_touch(saga, now=now, expect_within=countdown + step.timeout)
-            saga.save(update_fields=["state", "updated_at", "stuck_after"])
-            return StepResult(Outcome.RETRY, countdown=countdown, error=error)
-        _mark(saga, execution, StepState.FAILED, now=now, error=detail)
-        execution.reason = _client_reason(error)
-        execution.outcome_uncertain = not isinstance(error, BusinessError)
-        execution.save()
-        saga.save(update_fields=["state"])
-        if direction == FORWARD and step.on_failure is not None:
-            step.on_failure(context, error)
-        return StepResult(Outcome.FAILED, error=error)
-
-
-def _after_completion(saga: SagaInstance, definition: Saga, step: Step, direction: str, *, now: datetime) -> None:
-    if direction == FORWARD:
-        position = definition.position(step.name)
-        if position == len(definition.steps) - 1:
-            saga_finish(saga, SagaState.COMPLETED, now=now)
-        else:
-            saga_touch(saga, now=now, expect_within=definition.steps[position + 1].timeout)
-            saga.save(update_fields=["state", "stuck_after", "updated_at"])
-    else:
-        saga_touch(saga, now=now, expect_within=step.timeout)
-        saga.save(update_fields=["updated_at", "stuck_after"])
-        saga_finish_compensation_if_done(saga, now=now)
 
 
 def _mark(saga: SagaInstance, execution: StepExecution, state: str, *, now: datetime, error: str = "", detail: str = "") -> None:
@@ -476,8 +517,3 @@ def _client_reason(error: BaseException) -> str:
     """A business refusal's own message, which BusinessError promises is fit for the end user;
     nothing for any other failure (its type, text and traceback are internals)."""
     return str(error)[:2000] if isinstance(error, BusinessError) else ""
-
-
-def _die(saga_id, step_name: str, when: str) -> None:
-    log.warning("saga_fault_crash saga=%s step=%s killing worker process %s %s", saga_id, step_name, os.getpid(), when)
-    os.kill(os.getpid(), signal.SIGKILL)

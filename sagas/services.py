@@ -174,7 +174,7 @@ def saga_sweep(*, now: datetime | None = None, limit: int | None = None) -> dict
             saga.stuck_after = now + timedelta(seconds=backoff)
             saga.save(update_fields=["redrives", "stuck_after"])
             log.warning("saga_redrive saga=%s name=%s state=%s redrives=%s", saga.id, saga.name, saga.state, saga.redrives)
-            saga_advance(saga, definition, now=now)
+            saga_advance(saga, definition, now=now, redrive=True)
             redriven += 1
     return {"overdue": overdue, "redriven": redriven}
 
@@ -182,11 +182,12 @@ def saga_sweep(*, now: datetime | None = None, limit: int | None = None) -> dict
 # --- decisions shared by the runner, the errback, the sweeper and the operator actions ----------
 
 
-def saga_advance(saga: SagaInstance, definition: Saga, *, now: datetime) -> None:
+def saga_advance(saga: SagaInstance, definition: Saga, *, now: datetime, redrive: bool = False) -> None:
     """Send whatever the saga log says comes next. The caller holds the saga row lock.
 
     Re-sending work that is already in flight is harmless (every step is idempotent), so this
-    also serves to re-drive a saga whose messages were lost."""
+    also serves to re-drive a saga whose messages were lost (`redrive`: the sweeper does so, and
+    the message it sends says so; see dispatch.REDRIVE_HEADER)."""
     if saga.state in RUNS_FORWARD:
         forward = lock_steps(saga, FORWARD)
         failed = next((e for e in forward if e.state == StepState.FAILED), None)
@@ -198,7 +199,7 @@ def saga_advance(saga: SagaInstance, definition: Saga, *, now: datetime) -> None
             saga_finish(saga, SagaState.COMPLETED, now=now)
             return
         position = pending[0].position
-        transaction.on_commit(lambda: dispatch.send_forward(saga.id, definition, from_position=position))
+        transaction.on_commit(lambda: dispatch.send_forward(saga.id, definition, from_position=position, redrive=redrive))
     elif saga.state == SagaState.COMPENSATING:
         compensations = _newest_first(lock_steps(saga, COMPENSATE))
         failed = [e for e in compensations if e.state == StepState.FAILED]
@@ -209,7 +210,9 @@ def saga_advance(saga: SagaInstance, definition: Saga, *, now: datetime) -> None
         if not remaining:
             saga_finish_compensation_if_done(saga, now=now)
             return
-        transaction.on_commit(lambda: dispatch.send_compensations(saga.id, definition, remaining, direction=COMPENSATE))
+        transaction.on_commit(
+            lambda: dispatch.send_compensations(saga.id, definition, remaining, direction=COMPENSATE, redrive=redrive)
+        )
 
 
 def saga_begin_compensation(saga: SagaInstance, definition: Saga, *, reason: str, now: datetime) -> None:
@@ -271,12 +274,27 @@ def saga_touch(saga: SagaInstance, *, now: datetime, expect_within: float) -> No
 def saga_finish(saga: SagaInstance, state: str, *, now: datetime, reason: str = "") -> None:
     """Record a terminal state and run the definition's on_finish hook in the same transaction.
     The caller holds the saga row lock."""
+    saga_mark_finished(saga, state, now=now, reason=reason)
+    saga.save()
+    saga_finished_hook(saga)
+
+
+# The two halves of saga_finish, for the runner, which saves the saga row together with the step
+# that finished it (sagas.logsql).
+FINISH_FIELDS = ("state", "updated_at", "finished_at", "stuck_after", "failure_reason")
+
+
+def saga_mark_finished(saga: SagaInstance, state: str, *, now: datetime, reason: str = "") -> None:
+    """Set a terminal state on `saga` (FINISH_FIELDS), unsaved."""
     if reason:
         saga.failure_reason = reason[:2000]
     _set_state(saga, state, now=now, detail=reason)
     saga.finished_at = now
     saga.stuck_after = None
-    saga.save()
+
+
+def saga_finished_hook(saga: SagaInstance) -> None:
+    """Run the definition's on_finish hook, once the terminal state is saved in this transaction."""
     hook = _definition(saga).on_finish
     if hook is not None:
         hook(saga)

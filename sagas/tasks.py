@@ -1,6 +1,7 @@
 """The engine's Celery tasks. Each takes ids, makes one call into the engine, and translates the
 outcome into what Celery should do with the message."""
 
+import functools
 import logging
 import uuid
 from datetime import timedelta
@@ -11,7 +12,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 
-from sagas import consumers, outbox, relay, runner, services
+from sagas import consumers, dispatch, outbox, relay, runner, services
 from sagas.definition import COMPENSATE, FORWARD
 from sagas.exceptions import BusinessError, SagaNotFound
 from sagas.models import HousekeepingRun
@@ -59,6 +60,20 @@ def _step_arguments_problem(saga_id, step, direction) -> str:
         return f"direction must be {FORWARD!r} or {COMPENSATE!r}"
     return ""
 
+# Transports that flag a message they deliver again: kombu's Redis transport (and Sentinel) when
+# it restores an unacknowledged message, AMQP brokers when they requeue one. A step's first
+# delivery over them is counted with its outcome, in one transaction (sagas.runner.Counting); over
+# any other transport (the embedded SQLAlchemy one) every delivery is counted before it runs.
+_FLAGGING_TRANSPORTS = frozenset({"redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp", "librabbitmq"})
+
+
+@functools.cache
+def _transport_flags_redelivery(broker_url: str) -> bool:
+    first = broker_url.split(";")[0]  # a failover list: its transports are alike
+    scheme = first.partition("://")[0].lower()
+    return scheme in _FLAGGING_TRANSPORTS
+
+
 # The database being unreachable is an infrastructure fault, not the step's: retry the message
 # with backoff (kept below the broker's visibility timeout) instead of failing the saga.
 INFRASTRUCTURE_RETRY = {
@@ -93,8 +108,13 @@ def run_step(self, *, saga_id: str, step: str, direction: str) -> None:
     def republish() -> None:
         self.signature_from_request().apply_async()
 
+    counting = runner.Counting.for_message(
+        transport_flags=_transport_flags_redelivery(self.app.conf.broker_url or ""),
+        redelivered=bool((self.request.delivery_info or {}).get("redelivered")),
+        redriven=bool(getattr(self.request, dispatch.REDRIVE_HEADER, False)),
+    )
     try:
-        result = runner.step_run(saga_id=saga_id, step_name=step, direction=direction, republish=republish)
+        result = runner.step_run(saga_id=saga_id, step_name=step, direction=direction, republish=republish, counting=counting)
     except SagaNotFound:
         log.warning("saga_missing saga=%s step=%s: dropping the message", saga_id, step)
         raise Ignore() from None

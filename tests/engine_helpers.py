@@ -35,6 +35,21 @@ def wait_for_step(saga_id, name: str, state: str = StepState.RUNNING, timeout: f
     raise AssertionError(f"step {name} of saga {saga_id} never reached {state}")
 
 
+def wait_for_step_in_hand(worker, saga_id, name: str, direction: str = Direction.FORWARD, timeout: float = 20.0) -> None:
+    """Until `worker` runs the step's action. A first delivery shows nothing in the database
+    until its one transaction commits, so this reads the worker's log: the runner logs the
+    delivery inside that transaction, right before the action."""
+    import re
+    import time
+
+    line = re.compile(rf"saga_transition saga={saga_id} .*step={re.escape(name)} direction={direction} from=delivered to=RUNNING")
+    deadline = time.monotonic() + timeout
+    while not line.search(worker.output(since_start=True)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"step {name} of saga {saga_id} never started:\n{worker.output(since_start=True)[-3000:]}")
+        time.sleep(0.05)
+
+
 def flush_broker() -> None:
     """Lose every message the broker holds, as a Redis restart without persistence would."""
     url = settings.CELERY_BROKER_URL

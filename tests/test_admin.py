@@ -52,7 +52,7 @@ STEPS = ["create_order", "reserve_inventory", "process_payment", "notify_fulfill
 def run(order: Order, step: str, direction: str = FORWARD, *, at=None) -> runner.StepResult:
     """One delivery of a step of the order's saga; `at` fixes the clock the runner sees."""
     clock = (lambda: at) if at else timezone.now
-    return runner.step_run(saga_id=order.saga_id, step_name=step, direction=direction, republish=lambda: None, now=clock)
+    return runner.step_run(saga_id=order.saga_id, step_name=step, direction=direction, republish=lambda: None, clock=clock)
 
 
 def a_running_order(*, at=None, key=None) -> Order:

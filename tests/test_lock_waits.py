@@ -10,7 +10,7 @@ from django.conf import settings
 
 from sagas.models import SagaState, StepState
 from sagas.testing import CeleryBeat, CeleryWorker, subprocess_environment, timeline, wait_for_saga
-from tests.engine_helpers import step_row, wait_for_step
+from tests.engine_helpers import step_row, wait_for_step_in_hand
 from tests.sagaapp.models import Wallet
 from tests.sagaapp.sagas import HOLD_QUEUE, gated, hold, transfer_quick, with_deadline
 
@@ -26,14 +26,14 @@ def test_deadlines_fire_on_time_while_every_step_process_is_busy(saga_worker, tm
         # Given every step process of the worker busy with a long step
         busy = [gated.start(input={"gate": {"reserve": str(gate)}}) for _ in range(2)]
         for saga in busy:
-            wait_for_step(saga.id, "reserve", StepState.RUNNING)
+            wait_for_step_in_hand(saga_worker, saga.id, "reserve")
 
         # When a saga with a 2 s deadline waits behind them
         late = with_deadline.start(input={})
 
         # Then the sweeper, on its own queue and process, compensates it at its deadline anyway
         late = wait_for_saga(late.id, states=[SagaState.COMPENSATED], timeout=15)
-        assert [step_row(saga.id, "reserve").state for saga in busy] == [StepState.RUNNING] * 2, "still busy"
+        assert [step_row(saga.id, "reserve").state for saga in busy] == [StepState.PENDING] * 2, "still busy"
         assert late.failure_reason == "deadline exceeded"
         gate.touch()
         for saga in busy:

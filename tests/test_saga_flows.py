@@ -6,7 +6,7 @@ from sagas.exceptions import SagaStateConflict
 from sagas.models import Direction, FaultKind, SagaInstance, SagaState, StepState
 from sagas.services import saga_abort, saga_retry_compensation
 from sagas.testing import inject_fault, timeline, wait_for_saga
-from tests.engine_helpers import compensations_in_start_order, effect_count, effects, step_row, wait_for_step
+from tests.engine_helpers import compensations_in_start_order, effect_count, effects, step_row, wait_for_step_in_hand
 from tests.sagaapp.sagas import STEP_NAMES, four_steps, keep_going, parallel, versioned_v1
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -125,7 +125,7 @@ def test_a_saga_finishes_with_the_definition_version_it_started_with(saga_worker
 )
 def test_aborting_a_running_saga_waits_for_the_step_in_hand_then_compensates(saga_worker):
     saga = four_steps.start(input={"sleep": {"ship": 1.5}})
-    wait_for_step(saga.id, "ship")
+    wait_for_step_in_hand(saga_worker, saga.id, "ship")
 
     saga_abort(saga_id=saga.id, reason="customer changed their mind")
     saga = wait_for_saga(saga.id)

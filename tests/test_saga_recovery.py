@@ -3,6 +3,7 @@
 import time
 
 import pytest
+from django.conf import settings
 from django.db import connection
 
 from sagas.models import Direction, FaultKind, SagaState, StepState
@@ -14,6 +15,7 @@ from tests.engine_helpers import (
     flush_broker,
     step_row,
     wait_for_step,
+    wait_for_step_in_hand,
 )
 from tests.sagaapp.sagas import STEP_NAMES, four_steps, with_deadline
 
@@ -92,7 +94,7 @@ def test_a_step_that_kills_its_worker_every_time_is_failed_after_its_delivery_bu
 @pytest.mark.services(reason=BROKER_REDELIVERY)
 def test_kill_9_of_a_pool_child_during_a_slow_step_reruns_it(saga_worker):
     saga = four_steps.start(input={"sleep": {"ship": 3}})
-    wait_for_step(saga.id, "ship")
+    wait_for_step_in_hand(saga_worker, saga.id, "ship")
 
     assert saga_worker.kill_children()
     saga = wait_for_saga(saga.id, timeout=60)
@@ -104,7 +106,7 @@ def test_kill_9_of_a_pool_child_during_a_slow_step_reruns_it(saga_worker):
 
 def test_kill_9_of_the_whole_worker_during_a_step_loses_nothing(saga_worker, saga_beat):
     saga = four_steps.start(input={"sleep": {"ship": 3}})
-    wait_for_step(saga.id, "ship")
+    wait_for_step_in_hand(saga_worker, saga.id, "ship")
 
     saga_worker.kill()
     saga_worker.start()
@@ -112,7 +114,14 @@ def test_kill_9_of_the_whole_worker_during_a_step_loses_nothing(saga_worker, sag
 
     assert saga.state == SagaState.COMPLETED, timeline(saga.id)
     assert effect_count(saga.id, "ship") == 1, "the killed delivery's writes rolled back"
-    assert step_row(saga.id, "ship").deliveries >= 2
+    # Over Redis the killed delivery was a first one, counted only with its outcome, which never
+    # committed; the one that finished was re-driven by the sweeper (counted alone) or restored by
+    # the broker (counted with the death it tells of). The embedded transport cannot flag a
+    # redelivery, so there every delivery is counted before it runs.
+    ship = step_row(saga.id, "ship")
+    every_delivery_counted = settings.CHAINSAGA_TEST_BACKEND == "embedded"
+    assert ship.attempts == 1
+    assert ship.deliveries == (2 if every_delivery_counted or not saga.redrives else 1), timeline(saga.id)
 
 
 def test_after_the_broker_loses_every_message_the_sweeper_finishes_every_saga(saga_worker, saga_beat):
@@ -175,7 +184,7 @@ def test_a_worker_survives_its_redis_broker_restarting_while_it_holds_a_message(
             step = step_signature(saga.id, four_steps.step("reserve"), F)
             with app.connection_for_write(redis_server.url()) as conn:
                 app.send_task(step.task, kwargs=step.kwargs, queue="restart-test", connection=conn)
-            wait_for_step(saga.id, "reserve")  # the worker holds the message, unacknowledged
+            wait_for_step_in_hand(worker, saga.id, "reserve")  # the worker holds the message, unacknowledged
 
             redis_server.restart(down_for=1.0)
             time.sleep(4)

@@ -39,9 +39,10 @@ with_deadline = Saga(
 )
 
 
-def run(saga, step: str, direction: str = FORWARD) -> runner.StepResult:
-    """One delivery of a step, as the run_step task makes it."""
-    return runner.step_run(saga_id=saga.id, step_name=step, direction=direction, republish=lambda: None)
+def run(saga, step: str, direction: str = FORWARD, *, counting=runner.Counting.IN_STEP) -> runner.StepResult:
+    """One delivery of a step, as the run_step task makes it (by default a first delivery over a
+    transport that flags redeliveries)."""
+    return runner.step_run(saga_id=saga.id, step_name=step, direction=direction, republish=lambda: None, counting=counting)
 
 
 def reload(saga) -> SagaInstance:

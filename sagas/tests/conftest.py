@@ -19,16 +19,22 @@ def unique_name(request):
 class SentMessages:
     forward: list[tuple[str, str, int]] = field(default_factory=list)
     compensations: list[tuple[str, list[str], str]] = field(default_factory=list)
+    redriven: list[str] = field(default_factory=list)  # saga ids of the sends marked as the sweeper's re-drives
 
-    def send_forward(self, saga_id, definition, *, from_position):
+    def send_forward(self, saga_id, definition, *, from_position, redrive=False):
         self.forward.append((str(saga_id), definition.name, from_position))
+        if redrive:
+            self.redriven.append(str(saga_id))
 
-    def send_compensations(self, saga_id, definition, step_names, *, direction):
+    def send_compensations(self, saga_id, definition, step_names, *, direction, redrive=False):
         self.compensations.append((str(saga_id), list(step_names), direction))
+        if redrive:
+            self.redriven.append(str(saga_id))
 
     def clear(self) -> None:
         self.forward.clear()
         self.compensations.clear()
+        self.redriven.clear()
 
 
 @pytest.fixture

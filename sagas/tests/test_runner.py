@@ -4,12 +4,14 @@ import threading
 import time
 
 import pytest
-from django.db import OperationalError, connection, transaction
+from django.db import IntegrityError, OperationalError, connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from sagas import runner, services
-from sagas.definition import COMPENSATE, FORWARD
-from sagas.models import SagaState, StepExecution, StepState
+from sagas import sql, runner, services
+from sagas.definition import COMPENSATE, FORWARD, Retry, Saga, Step
+from sagas.models import OutboxEvent, SagaState, StepExecution, StepState
+from sagas.outbox import outbox_emit
 from sagas.tests.builders import failed_saga, reload, run, three_steps
 
 pytestmark = pytest.mark.django_db
@@ -20,9 +22,10 @@ def step_row(saga, name: str, direction: str = FORWARD) -> StepExecution:
 
 
 def lost_delivery(saga, step: str) -> None:
-    """A delivery that recorded itself and then died: its worker was killed, or the hard time
-    limit killed it (transaction 2 never committed)."""
-    assert runner._deliver(saga.id, step, FORWARD, now=timezone.now()) is None
+    """A delivery counted before its action that then died: its worker was killed, or the hard
+    time limit killed it (the step's transaction never committed)."""
+    delivery = runner.Delivery(saga_id=saga.id, step_name=step, direction=FORWARD, counting=runner.Counting.BEFORE, republish=lambda: None)
+    assert delivery.count_before() is None
 
 
 def test_an_errback_for_a_step_that_spent_its_delivery_budget_fails_it_and_compensates(sent, django_capture_on_commit_callbacks):
@@ -65,7 +68,8 @@ def test_a_redelivered_errback_from_before_an_operator_retry_does_not_fail_the_r
     assert reload(saga).state == SagaState.COMPENSATING
 
 
-def test_database_errors_retried_by_the_task_do_not_spend_the_delivery_budget(sent, django_capture_on_commit_callbacks, monkeypatch):
+@pytest.mark.parametrize("counting", list(runner.Counting))
+def test_database_errors_retried_by_the_task_do_not_spend_the_delivery_budget(counting, sent, django_capture_on_commit_callbacks, monkeypatch):
     with django_capture_on_commit_callbacks(execute=True):
         saga = services.saga_start(definition=three_steps, input={})
 
@@ -73,10 +77,10 @@ def test_database_errors_retried_by_the_task_do_not_spend_the_delivery_budget(se
         raise OperationalError("server closed the connection unexpectedly")
 
     with monkeypatch.context() as patched:
-        patched.setattr(runner, "_execute", database_gone_in_transaction_2)
+        patched.setattr(runner.Delivery, "_run_step", database_gone_in_transaction_2)
         for _ in range(three_steps.step("reserve").max_deliveries):
             with pytest.raises(OperationalError):
-                run(saga, "reserve")
+                run(saga, "reserve", counting=counting)
     with django_capture_on_commit_callbacks(execute=True):
         result = run(saga, "reserve")
 
@@ -101,7 +105,7 @@ def test_a_delivery_that_waited_while_another_completed_the_step_is_not_counted_
     other = threading.Thread(target=complete_reserve_while_holding_its_row)
     other.start()
     locked.wait()
-    counted = runner._count_delivery(saga.id, "reserve", FORWARD, now=timezone.now())
+    counted = sql.count_delivery(saga.id, "reserve", FORWARD, now=timezone.now())
     other.join()
 
     assert counted is False, "it must see the committed COMPLETED, or it would run the step a second time"
@@ -168,3 +172,68 @@ def test_an_errback_for_a_step_the_log_does_not_have_changes_nothing(sent, djang
     runner.step_failure_handle(saga_id=saga.id, step_name="no_such_step", direction=FORWARD, failed_task_id="t-1")
 
     assert reload(saga).state == SagaState.PENDING
+
+
+def emit_in_a_nested_atomic_block(ctx):
+    with transaction.atomic():  # as a domain service does: @transaction.atomic around its writes
+        outbox_emit(aggregate_type="unit", aggregate_id=ctx.saga_id, event_type="DONE", payload={})
+    return {"ok": True}
+
+
+def catch_a_duplicate_and_go_on(ctx):
+    """Inserts a duplicate inside a nested atomic block, catches the error and goes on: needs a
+    savepoint to roll back to."""
+    event = outbox_emit(aggregate_type="unit", aggregate_id=ctx.saga_id, event_type="FIRST", payload={})
+    try:
+        with transaction.atomic():
+            OutboxEvent.objects.create(id=event.id, aggregate_type="unit", aggregate_id="x", event_type="DUP", payload={}, created_at=ctx.now)
+    except IntegrityError:
+        pass
+    return {"events": OutboxEvent.objects.filter(aggregate_id=str(ctx.saga_id)).count()}
+
+
+one_step = Saga("unit_runner_one_step", version=1, steps=[Step("emit", action=emit_in_a_nested_atomic_block)])
+catching = Saga("unit_runner_catching", version=1, steps=[Step("catch", action=catch_a_duplicate_and_go_on, retry=Retry(max_attempts=1))])
+catching_with_savepoints = Saga(
+    "unit_runner_catching_savepoints", version=1, steps=[Step("catch", action=catch_a_duplicate_and_go_on, savepoints=True)]
+)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_first_delivery_is_one_transaction_without_savepoints(sent, settings):
+    settings.SAGAS_FAULT_INJECTION = False  # as in production: no interceptor reads the database
+    saga = services.saga_start(definition=one_step, input={})
+
+    with CaptureQueriesContext(connection) as captured:
+        result = run(saga, "emit")
+
+    statements = [q["sql"].split()[0].upper() for q in captured.captured_queries]
+    assert result.outcome is runner.Outcome.DONE
+    assert statements.count("COMMIT") == 1, statements
+    assert not [s for s in statements if "SAVEPOINT" in s], statements
+    assert statements[-1] == "COMMIT", "nothing is written after the step's transaction"
+    row = step_row(saga, "emit")
+    assert (row.state, row.attempts, row.deliveries) == (StepState.COMPLETED, 1, 1)
+    assert row.started_at is not None and row.finished_at is not None
+    assert reload(saga).state == SagaState.COMPLETED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_action_that_catches_a_database_error_and_goes_on_is_told_to_ask_for_savepoints(sent):
+    saga = services.saga_start(definition=catching, input={})
+
+    result = run(saga, "catch")
+
+    assert result.outcome is runner.Outcome.FAILED
+    assert "Step(..., savepoints=True)" in step_row(saga, "catch").last_error
+    assert not OutboxEvent.objects.filter(aggregate_id=str(saga.id)).exists(), "the whole step rolled back"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_action_that_asks_for_savepoints_gets_them(sent):
+    saga = services.saga_start(definition=catching_with_savepoints, input={})
+
+    result = run(saga, "catch")
+
+    assert result.outcome is runner.Outcome.DONE, step_row(saga, "catch").last_error
+    assert step_row(saga, "catch").result == {"events": 1}

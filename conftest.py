@@ -1,3 +1,5 @@
+"""Shared by both test folders (tests/ and sagas/tests/): the `services` marker, the header."""
+
 import pytest
 from django.conf import settings
 

@@ -1,0 +1,87 @@
+"""sagas.sql: the hand-written statements read and write what the ORM would, on both backends."""
+
+from datetime import timedelta
+
+import pytest
+from django.db import transaction
+from django.utils import timezone
+
+from sagas import services, sql
+from sagas.definition import COMPENSATE, FORWARD
+from sagas.models import OutboxEvent, SagaInstance, SagaState, StepExecution, StepState
+from sagas.tests.builders import run, three_steps
+
+pytestmark = pytest.mark.django_db
+
+
+def as_dict(instance) -> dict:
+    return {f.attname: getattr(instance, f.attname) for f in type(instance)._meta.concrete_fields}
+
+
+def test_lock_saga_and_steps_reads_every_field_as_the_orm_does_in_position_order(sent):
+    saga = services.saga_start(definition=three_steps, input={"order": "o-1", "amount": "9.99", "nested": [1, {"a": None}]})
+    run(saga, "reserve")
+
+    with transaction.atomic():
+        locked_saga, steps = sql.lock_saga_and_steps(saga.id, FORWARD)
+
+    assert as_dict(locked_saga) == as_dict(SagaInstance.objects.get(pk=saga.pk))
+    assert [as_dict(s) for s in steps] == [as_dict(s) for s in StepExecution.objects.filter(saga=saga, direction=FORWARD).order_by("position")]
+    assert [s.name for s in steps] == ["reserve", "charge", "notify"]
+    assert steps[0].result == {"step": "reserve"} and steps[0].saga is locked_saga
+    assert not locked_saga._state.adding and not steps[0]._state.adding
+
+
+def test_lock_saga_and_steps_is_none_for_a_direction_without_steps_or_an_unknown_saga(sent):
+    saga = services.saga_start(definition=three_steps, input={})
+
+    with transaction.atomic():
+        assert sql.lock_saga_and_steps(saga.id, COMPENSATE) is None
+        assert sql.lock_saga_and_steps("6b1d8f0e-3f57-4cde-9a57-2d0b8f7c0b11", FORWARD) is None
+
+
+def test_save_step_and_saga_writes_the_named_fields_and_no_other(sent):
+    saga = services.saga_start(definition=three_steps, input={})
+    with transaction.atomic():
+        locked_saga, steps = sql.lock_saga_and_steps(saga.id, FORWARD)
+        step = steps[0]
+        later = timezone.now() + timedelta(minutes=5)
+        step.state, step.attempts, step.deliveries, step.result, step.finished_at = StepState.COMPLETED, 1, 2, {"x": [1, "2"]}, later
+        step.last_error = "not saved: not named"
+        locked_saga.state, locked_saga.stuck_after = SagaState.RUNNING, later
+        locked_saga.failure_reason = "not saved either"
+
+        sql.save_step_and_saga(step, ["state", "attempts", "deliveries", "result", "finished_at"], locked_saga, ["state", "stuck_after"])
+
+    row = StepExecution.objects.get(pk=step.pk)
+    assert (row.state, row.attempts, row.deliveries, row.result, row.finished_at) == (StepState.COMPLETED, 1, 2, {"x": [1, "2"]}, later)
+    assert row.last_error == ""
+    saga_row = SagaInstance.objects.get(pk=saga.pk)
+    assert (saga_row.state, saga_row.stuck_after, saga_row.failure_reason) == (SagaState.RUNNING, later, "")
+
+
+def test_count_delivery_counts_a_step_in_its_turn_and_nothing_else(sent):
+    saga = services.saga_start(definition=three_steps, input={})
+    now = timezone.now()
+
+    assert sql.count_delivery(saga.id, "charge", FORWARD, now=now) is False, "reserve has not completed"
+    assert sql.count_delivery(saga.id, "reserve", FORWARD, now=now) is True
+    assert sql.count_delivery(saga.id, "reserve", FORWARD, now=now) is False, "a delivery died unfinished: decided under the locks"
+
+    reserve = StepExecution.objects.get(saga=saga, name="reserve", direction=FORWARD)
+    assert (reserve.state, reserve.deliveries, reserve.started_at) == (StepState.RUNNING, 1, now)
+    SagaInstance.objects.filter(pk=saga.pk).update(state=SagaState.COMPENSATING)
+    StepExecution.objects.filter(pk=reserve.pk).update(attempts=1, state=StepState.COMPLETED)
+    assert sql.count_delivery(saga.id, "charge", FORWARD, now=now) is False, "the saga no longer runs forward"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_outbox_insert_writes_the_row_the_orm_would_with_increasing_sequence_numbers():
+    with transaction.atomic():
+        first = sql.outbox_insert(OutboxEvent(aggregate_type="unit", aggregate_id="a-1", event_type="ONE", payload={"n": 1}, created_at=timezone.now()), lock_key="k")
+        second = sql.outbox_insert(OutboxEvent(aggregate_type="unit", aggregate_id="a-1", event_type="TWO", payload={"n": 2}, created_at=timezone.now()), lock_key="k")
+
+    assert second.sequence > first.sequence
+    for event in (first, second):
+        assert as_dict(OutboxEvent.objects.get(pk=event.pk)) == as_dict(event)
+        assert not event._state.adding
