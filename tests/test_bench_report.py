@@ -2,14 +2,18 @@
 (perf.loadgen), without running the benchmark itself (`make bench` does that)."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
 
 from perf.bench import TARGETS
 from perf.bench_report import markdown, verdicts, without_samples
-from perf.common import percentile, summary_ms
+from perf.common import paired_ratios, percentile, process_cpu_seconds, spread, summary_ms
 
 
 def test_percentiles_are_nearest_rank():
@@ -38,6 +42,33 @@ def test_a_missed_target_is_reported_plainly_and_an_unmeasured_one_is_left_out()
     assert set(results["verdicts"]) == {"orchestrated_vs_baseline", "outbox_kick_p99_ms"}
     assert "**Missed: orchestrated_vs_baseline.**" in text
     assert "_raw" not in without_samples(results)
+
+
+def test_ratios_pair_the_rounds_and_the_spread_is_median_min_and_max():
+    orchestrated, baseline = [30.0, 20.0, 33.0, 27.0, 36.0], [40.0, 25.0, 30.0, 30.0, 40.0]
+
+    ratios = paired_ratios(orchestrated, baseline)
+
+    assert ratios == [0.75, 0.8, 1.1, 0.9, 0.9]
+    assert spread(ratios) == {"median": 0.9, "min": 0.75, "max": 1.1}
+    assert spread([1.0, 2.0, 4.0, 10.0]) == {"median": 3.0, "min": 1.0, "max": 10.0}
+    assert spread([]) == {"median": None, "min": None, "max": None}
+    with pytest.raises(ValueError, match="pair rounds"):
+        paired_ratios([1.0, 2.0], [1.0])
+
+
+def test_cpu_time_is_read_from_proc_and_a_gone_process_has_none():
+    busy_until = time.process_time() + 0.05
+    while time.process_time() < busy_until:
+        pass
+
+    own = process_cpu_seconds(os.getpid())
+
+    assert own >= 0.05
+    assert process_cpu_seconds(os.getpid(), reaped_children=True) >= own
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert process_cpu_seconds(gone.pid) == 0.0
 
 
 class _SlowCreated(BaseHTTPRequestHandler):
