@@ -18,9 +18,10 @@ variant's throughput and of each ratio, the ratio taken round by round. Placemen
 timed window and done the same way for every variant: the worker is told to stop consuming its
 queue (Celery's remote control, cancel_consumer), the round's orders are placed through the
 placement path (order_place for the sagas and the fair baseline; the naive chain keeps its own),
-their on-commit messages wait in the broker, and the clock starts when the worker is told to
-consume again (add_consumer). It stops when the last order settled and the last of the round's
-outbox events was published, read from the rows' own timestamps. The on-commit kick of the
+their on-commit messages wait in the broker, and the worker is told to consume again
+(add_consumer). The clock starts when the worker takes the first message, a marker task queued
+ahead of the orders, and stops when the last order settled and the last of the round's outbox
+events was published, read from the rows' own timestamps. The on-commit kick of the
 outbox relay is held back while placing (it would expire in the queue) and sent once at the
 release, for every variant. The rounds run once per worker concurrency of the sweep (2, 4, 8
 processes); the targets are judged at 2.

@@ -124,7 +124,7 @@ def _wait_count(current, total: int, desc: str, *, timeout: float) -> None:
 # growing tables weigh on each alike; the first round is a warm-up and is not counted. Placement is
 # kept out of the timed window: the worker stops consuming its queue (Celery's cancel_consumer), the
 # round's orders are placed through the real placement path, their on-commit messages wait in the
-# broker, and the clock starts when the worker consumes again. See perf/bench.py's docstring.
+# broker, and the clock starts when the worker takes the first of them. See perf/bench.py's docstring.
 
 VARIANTS = ("orchestrated", "choreographed", "baseline", "naive_chain", "noop_chain")
 RATIOS = {  # name: (numerator, denominator), in throughput
@@ -217,8 +217,8 @@ def _variant_run(worker: CeleryWorker, variant: str, count: int, owner, products
     _wait_count(placed.settled, count, f"{variant}: settled", timeout=600)
     cpu = worker_cpu_seconds(worker) - cpu_before
     placed.check()
-    # From when the worker took the first message (add_consumer takes effect up to a second
-    # later, when the consumer next polls the broker) until the last order settled.
+    # From when the worker took the first message (not when add_consumer was sent: the consumer
+    # takes a moment to poll the broker again) until the last order settled.
     started = float(marks.lindex(baseline.ROUND_START_KEY, 0))
     if started < placed_at:
         raise RuntimeError(f"{variant}: the worker took messages while the orders were being placed")
