@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -31,6 +32,35 @@ def summary_ms(seconds: Sequence[float]) -> dict:
         value = percentile(seconds, p)
         out[name] = None if value is None else round(value * 1000, 2)
     return out
+
+
+def spread(values: Sequence[float], *, digits: int = 3) -> dict:
+    """median, min and max of per-round figures (None for each when there are none)."""
+    if not values:
+        return {"median": None, "min": None, "max": None}
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits), "max": round(max(values), digits)}
+
+
+def paired_ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
+    """Round by round, numerator / denominator: each ratio compares two variants that ran in the
+    same round, so a slow spell of the machine weighs on both sides of it."""
+    if len(numerators) != len(denominators):
+        raise ValueError(f"{len(numerators)} rounds against {len(denominators)}: ratios pair rounds one to one")
+    return [n / d for n, d in zip(numerators, denominators, strict=True)]
+
+
+def process_cpu_seconds(pid: int, *, reaped_children: bool = False) -> float:
+    """User + system CPU time process `pid` has used, from /proc/<pid>/stat; with
+    `reaped_children`, plus that of its children that exited and were waited for. 0.0 when the
+    process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])  # fields 14-17 of proc(5)
+    ticks = utime + stime + (cutime + cstime if reaped_children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _read(path: str) -> str:

@@ -1,15 +1,20 @@
-"""The benchmark's verdicts and report (perf.bench_report) and the open-loop load generator
-(perf.loadgen), without running the benchmark itself (`make bench` does that)."""
+"""The benchmark's verdicts and report (perf.bench_report), the round statistics and CPU reading
+(perf.common) and the open-loop load generator (perf.loadgen), without running the benchmark
+itself (`make bench` does that)."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
+
 from perf.bench import TARGETS
-from perf.bench_report import markdown, verdicts, without_samples
-from perf.common import percentile, summary_ms
+from perf.bench_report import markdown, missed_sentence, verdicts, without_samples
+from perf.common import paired_ratios, percentile, process_cpu_seconds, spread, summary_ms
 
 
 def test_percentiles_are_nearest_rank():
@@ -20,11 +25,20 @@ def test_percentiles_are_nearest_rank():
     assert summary_ms([0.010, 0.020]) == {"count": 2, "p50_ms": 10.0, "p95_ms": 20.0, "p99_ms": 20.0, "max_ms": 20.0}
 
 
+def _sagas(orchestrated_vs_baseline: float, overhead_ms: float) -> dict:
+    """The sagas section of the results, at the headline concurrency only, as far as verdicts read it."""
+    run = {
+        "ratios": {"orchestrated_vs_baseline": {"median": orchestrated_vs_baseline, "min": 0.1, "max": 1.2}},
+        "orchestrated_step_overhead_ms": {"median": overhead_ms, "min": 0.5, "max": 9.0},
+    }
+    return {"headline_concurrency": 2, "by_concurrency": {"2": run, "4": {"ratios": {"orchestrated_vs_baseline": {"median": 5.0}}}}}
+
+
 def test_a_missed_target_is_reported_plainly_and_an_unmeasured_one_is_left_out():
     results = {
         "mode": "quick",
         "wall_s": 1.0,
-        "sagas": {"orchestrated_vs_baseline": 0.5},
+        "sagas": _sagas(orchestrated_vs_baseline=0.5, overhead_ms=1.5),
         "outbox": {"kick": {"latency": {"p99_ms": 12.0}}},
         "_raw": [1, 2, 3],
     }
@@ -33,11 +47,53 @@ def test_a_missed_target_is_reported_plainly_and_an_unmeasured_one_is_left_out()
     sections_not_run = {k: v for k, v in results.items() if k not in ("sagas", "outbox")}
     text = markdown(sections_not_run, [], command="make bench", machine_line="a machine")
 
-    assert results["verdicts"]["orchestrated_vs_baseline"]["met"] is False
+    assert results["verdicts"]["orchestrated_vs_baseline"] == {
+        "value": 0.5, "target": 0.9, "sense": "at least", "met": False, "rounds_min_max": [0.1, 1.2]
+    }
+    assert results["verdicts"]["orchestrated_step_overhead_ms"]["met"] is True
     assert results["verdicts"]["outbox_kick_p99_ms"]["met"] is True
-    assert set(results["verdicts"]) == {"orchestrated_vs_baseline", "outbox_kick_p99_ms"}
-    assert "**Missed: orchestrated_vs_baseline.**" in text
+    assert set(results["verdicts"]) == {"orchestrated_vs_baseline", "orchestrated_step_overhead_ms", "outbox_kick_p99_ms"}
+    assert "| orchestrated_vs_baseline | 0.5 (rounds 0.1-1.2) | at least 0.9 | **NO** |" in text
+    assert "**Missed 1 of 3 targets: orchestrated_vs_baseline is 0.5, the target is at least 0.9.**" in text
     assert "_raw" not in without_samples(results)
+
+
+def test_an_at_most_target_is_missed_above_its_goal_and_met_at_it():
+    above = verdicts({"sagas": _sagas(orchestrated_vs_baseline=0.95, overhead_ms=2.01)}, TARGETS)
+    at = verdicts({"sagas": _sagas(orchestrated_vs_baseline=0.9, overhead_ms=2.0)}, TARGETS)
+
+    assert above["orchestrated_step_overhead_ms"] == {
+        "value": 2.01, "target": 2.0, "sense": "at most", "met": False, "rounds_min_max": [0.5, 9.0]
+    }
+    assert missed_sentence(above) == "**Missed 1 of 2 targets: orchestrated_step_overhead_ms is 2.01, the target is at most 2.0.**"
+    assert all(v["met"] for v in at.values()) and missed_sentence(at) == "All targets met."
+
+
+def test_ratios_pair_the_rounds_and_the_spread_is_median_min_and_max():
+    orchestrated, baseline = [30.0, 20.0, 33.0, 27.0, 36.0], [40.0, 25.0, 30.0, 30.0, 40.0]
+
+    ratios = paired_ratios(orchestrated, baseline)
+
+    assert ratios == [0.75, 0.8, 1.1, 0.9, 0.9]
+    assert spread(ratios) == {"median": 0.9, "min": 0.75, "max": 1.1}
+    assert spread([1.0, 2.0, 4.0, 10.0]) == {"median": 3.0, "min": 1.0, "max": 10.0}
+    assert spread([]) == {"median": None, "min": None, "max": None}
+    with pytest.raises(ValueError, match="pair rounds"):
+        paired_ratios([1.0, 2.0], [1.0])
+
+
+def test_cpu_time_is_read_from_proc_and_a_gone_process_has_none():
+    busy_until = time.process_time() + 0.05
+    while time.process_time() < busy_until:
+        pass
+
+    own = process_cpu_seconds(os.getpid())
+
+    assert own >= 0.05
+    assert process_cpu_seconds(os.getpid(), reaped_children=True) >= own
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert process_cpu_seconds(gone.pid) == 0.0
 
 
 class _SlowCreated(BaseHTTPRequestHandler):
