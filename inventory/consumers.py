@@ -7,7 +7,9 @@ from sagas.consumers import ConsumedEvent, subscribe
 from sagas.outbox import outbox_emit
 
 
-@subscribe("inventory", events=["PAYMENT_PROCESSED"], where={"flow": "choreographed"})
+# savepoints=True: OutOfStock raises out of stock_reserve's atomic block and is answered with
+# STOCK_UNAVAILABLE in the same transaction.
+@subscribe("inventory", events=["PAYMENT_PROCESSED"], where={"flow": "choreographed"}, savepoints=True)
 def on_payment_processed(event: ConsumedEvent) -> None:
     from orders.selectors import order_quantities  # the order's lines, read through orders' selector
 

@@ -39,7 +39,15 @@ def settle_uncertain_charge(event: ConsumedEvent, reason: str) -> None:
 
 
 # Orchestrated orders are charged and refunded by their saga's own step: not sent here.
-@subscribe("payments", events=["ORDER_CREATED", "ORDER_CANCELLED"], where={"flow": CHOREOGRAPHED}, on_give_up=settle_uncertain_charge)
+# savepoints=True: a declined charge raises out of payment_charge's atomic block and is answered
+# with PAYMENT_FAILED in the same transaction.
+@subscribe(
+    "payments",
+    events=["ORDER_CREATED", "ORDER_CANCELLED"],
+    where={"flow": CHOREOGRAPHED},
+    on_give_up=settle_uncertain_charge,
+    savepoints=True,
+)
 def on_order_event(event: ConsumedEvent) -> None:
     order_id = event.payload["order_id"]
     now = timezone.now()

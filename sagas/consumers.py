@@ -10,6 +10,7 @@ inbox row (unique consumer + event id) makes a duplicate delivery a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import uuid
@@ -19,11 +20,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import signature
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.db.models import Exists, F, OuterRef, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from sagas import sql
+from sagas.counting import Counting
 from sagas.models import ConsumerDelivery, InboxMessage, OutboxEvent, ParkedDelivery
 
 log = logging.getLogger("sagas.consumers")
@@ -71,6 +74,10 @@ class Subscription:
     # answer was lost: refund it by its key, tell the others). Raising leaves the event unparked,
     # to be delivered and given up on again later.
     on_give_up: GiveUp | None = None
+    # The handler runs in the inbox row's transaction and its atomic blocks make no savepoint (if
+    # anything raises, it all rolls back anyway); a handler that catches a database error and goes
+    # on needs them: subscribe(..., savepoints=True).
+    savepoints: bool = False
 
     def wants(self, event_type: str, payload: Mapping[str, Any]) -> bool:
         return event_type in self.events and all(payload.get(key) == value for key, value in self.where.items())
@@ -84,17 +91,22 @@ _subscriptions: dict[str, Subscription] = {}
 
 
 def subscribe(
-    consumer: str, *, events: Iterable[str], where: Mapping[str, Any] | None = None, on_give_up: GiveUp | None = None
+    consumer: str,
+    *,
+    events: Iterable[str],
+    where: Mapping[str, Any] | None = None,
+    on_give_up: GiveUp | None = None,
+    savepoints: bool = False,
 ) -> Callable[[Handler], Handler]:
     """Register `handler` as consumer `consumer` of these event types (one handler per consumer),
     optionally only of events whose payload has the fields in `where` with those values: other
-    events are never sent to it (no task, no inbox row). `on_give_up`: see Subscription."""
+    events are never sent to it (no task, no inbox row). `on_give_up`, `savepoints`: see Subscription."""
 
     def register(handler: Handler) -> Handler:
         existing = _subscriptions.get(consumer)
         if existing is not None and existing.handler.__qualname__ != handler.__qualname__:
             raise ValueError(f"consumer {consumer!r} is already registered to {existing.handler.__qualname__}")
-        _subscriptions[consumer] = Subscription(consumer, frozenset(events), handler, dict(where or {}), on_give_up)
+        _subscriptions[consumer] = Subscription(consumer, frozenset(events), handler, dict(where or {}), on_give_up, savepoints)
         return handler
 
     return register
@@ -133,36 +145,43 @@ def message_problem(*, consumer, message) -> str:
 
 
 def consume(
-    *, consumer: str, message: Mapping[str, str], now: datetime | None = None, max_deliveries: int | None = None
+    *,
+    consumer: str,
+    message: Mapping[str, str],
+    now: datetime | None = None,
+    max_deliveries: int | None = None,
+    counting: Counting = Counting.BEFORE,
 ) -> bool:
     """Run `consumer`'s handler for this event unless its inbox already has it. The inbox row and
     the handler's writes commit together. Returns False for a duplicate, an event type the consumer
     did not subscribe to, or (with max_deliveries) an event delivered more often than that without
-    finishing, e.g. because its handler kills the worker. Raises what the handler raises."""
+    finishing, e.g. because its handler kills the worker. Raises what the handler raises.
+
+    `counting` (sagas.counting): a first delivery over a transport that flags redeliveries is not
+    counted at all (it finishes with an inbox row, or with an error, which is not a lost delivery);
+    others are counted before the handler runs, with the death the broker tells of."""
     subscription = _subscriptions.get(consumer)
     if subscription is None:
         raise LookupError(f"no consumer {consumer!r} is registered in this process")
     event = ConsumedEvent.from_message(message)
     if not subscription.wants(event.type, event.payload):
         return False  # e.g. consume_events --handler reading a stream that carries other types too
-    if max_deliveries is not None and _count_delivery(consumer, event.id) > max_deliveries:
+    counted = max_deliveries is not None and counting.counts_first
+    if counted and sql.consumer_delivery_count(consumer=consumer, event_id=event.id, deaths=counting.deaths) > max_deliveries:
         consumer_give_up(
             consumer=consumer, message=message, reason=f"delivered more than {max_deliveries} times without finishing", now=now
         )
         return False
     try:
         with transaction.atomic():
-            try:
-                with transaction.atomic():
-                    InboxMessage.objects.create(
-                        consumer=consumer, event_id=event.id, event_type=event.type, received_at=now or timezone.now()
-                    )
-            except IntegrityError:
+            if not sql.inbox_claim(consumer=consumer, event_id=event.id, event_type=event.type, received_at=now or timezone.now()):
                 log.info("inbox_duplicate consumer=%s event=%s type=%s", consumer, event.id, event.type)
                 return False
-            subscription.handler(event)
+            # The handler's writes roll back with the inbox row if anything raises: no savepoints.
+            with contextlib.nullcontext() if subscription.savepoints else sql.savepoints_off(f"consumer {consumer} (subscribe(..., savepoints=True))"):
+                subscription.handler(event)
     except Exception:
-        if max_deliveries is not None:
+        if counted:
             _uncount_delivery(consumer, event.id)  # it finished, with an error: retries have their own budget
         raise
     return True
@@ -178,10 +197,7 @@ def consumer_give_up(*, consumer: str, message: Mapping[str, str], reason: str, 
     event = ConsumedEvent.from_message(message)
     now = now or timezone.now()
     with transaction.atomic():
-        try:
-            with transaction.atomic():
-                InboxMessage.objects.create(consumer=consumer, event_id=event.id, event_type=event.type, received_at=now)
-        except IntegrityError:
+        if not sql.inbox_claim(consumer=consumer, event_id=event.id, event_type=event.type, received_at=now):
             return False
         ParkedDelivery.objects.create(
             consumer=consumer, event_id=event.id, event_type=event.type, aggregate_type=event.aggregate_type,
@@ -206,16 +222,6 @@ def consumer_replay(*, parked: ParkedDelivery) -> None:
         parked.delete()
         transaction.on_commit(lambda: _send(parked.consumer, event))
     log.warning("consume_replayed consumer=%s event=%s type=%s", parked.consumer, event.id, event.event_type)
-
-
-def _count_delivery(consumer: str, event_id: str) -> int:
-    """Count this delivery in its own committed transaction (it must survive the worker dying)."""
-    with transaction.atomic():
-        row, _ = ConsumerDelivery.objects.select_for_update().get_or_create(consumer=consumer, event_id=event_id)
-        row.deliveries = F("deliveries") + 1
-        row.save(update_fields=["deliveries"])
-        row.refresh_from_db(fields=["deliveries"])
-    return row.deliveries
 
 
 def _uncount_delivery(consumer: str, event_id: str) -> None:

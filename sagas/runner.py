@@ -34,10 +34,10 @@ from uuid import UUID
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import InterfaceError, OperationalError, connection, transaction
-from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 
 from sagas import interceptors, sql
+from sagas.counting import Counting
 from sagas.definition import FORWARD, HARD_LIMIT_GRACE, Saga, Step, StepContext, get_definition
 from sagas.exceptions import BusinessError, StepFailedEarlier, WorkerLostTooOften
 from sagas.locks import lock_saga, lock_step
@@ -73,23 +73,6 @@ class StepResult:
     outcome: Outcome
     countdown: float = 0.0
     error: BaseException | None = None
-
-
-class Counting(enum.Enum):
-    """When a delivery is counted against the step's delivery budget."""
-
-    IN_STEP = "in_step"  # with the step's outcome, in its transaction: a first delivery
-    BEFORE = "before"  # committed before the action: the sweeper re-sent it, or the transport cannot flag
-    AFTER_DEATH = "after_death"  # the broker redelivers: count the previous delivery's death too, then this one
-
-    @classmethod
-    def for_message(cls, *, transport_flags: bool, redelivered: bool, redriven: bool) -> Counting:
-        """`transport_flags`: the broker's transport flags a message it delivers again."""
-        if not transport_flags:
-            return cls.BEFORE
-        if redelivered:
-            return cls.AFTER_DEATH
-        return cls.BEFORE if redriven else cls.IN_STEP
 
 
 def step_run(
@@ -130,7 +113,7 @@ class Delivery:
     def run(self) -> StepResult:
         for interceptor in self.interceptors:
             interceptor.delivered(self)
-        result = self.count_before() if self.counting is not Counting.IN_STEP else None
+        result = self.count_before() if self.counting.counts_first else None
         if result is None:
             try:
                 result = self._run_step()
@@ -156,7 +139,7 @@ class Delivery:
         with transaction.atomic():
             # A redelivery also counts the death the broker tells of, unless that delivery was
             # counted already (_admit sees it in the log).
-            admitted = self._admit(now, count=2 if self.counting is Counting.AFTER_DEATH else 1)
+            admitted = self._admit(now, count=1 + self.counting.deaths)
             if isinstance(admitted, StepResult):
                 return admitted
             saga, _, _, execution = admitted
@@ -197,15 +180,8 @@ class Delivery:
         function = step.function(self.direction)
 
         def action():
-            with contextlib.nullcontext() if step.savepoints else _savepoints_off():
-                try:
-                    value = function(context) if function else None
-                except TransactionManagementError as exc:
-                    raise TransactionManagementError(
-                        f"{exc} (step {step.name} runs without savepoints: an error inside one of its atomic blocks "
-                        "rolls the whole step back; an action that catches such errors and goes on needs "
-                        "Step(..., savepoints=True))"
-                    ) from exc
+            with contextlib.nullcontext() if step.savepoints else sql.savepoints_off(f"step {step.name} (Step(..., savepoints=True))"):
+                value = function(context) if function else None
             return json.loads(json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False))
 
         call = action
@@ -381,23 +357,6 @@ def step_failure_handle(*, saga_id: UUID | str, step_name: str, direction: str, 
             saga_finish_compensation_if_done(saga, now=now)
         else:
             saga_advance(saga, definition, now=now)
-
-
-@contextlib.contextmanager
-def _savepoints_off():
-    """Atomic blocks opened inside make no savepoint (Step.savepoints), on every backend alike:
-    Django's atomic asks the connection whether one is allowed, and this connection answers "no"
-    until the block ends (an instance attribute over the backend's method; deleted, the method
-    answers again)."""
-    connection._savepoint_allowed = _never
-    try:
-        yield
-    finally:
-        del connection._savepoint_allowed
-
-
-def _never() -> bool:
-    return False
 
 
 def _runs(saga: SagaInstance, direction: str) -> bool:

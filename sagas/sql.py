@@ -12,15 +12,17 @@ Tested in sagas/tests/test_sql.py on both backends.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from datetime import datetime
 from functools import cache
 from uuid import UUID
 
 from django.db import DEFAULT_DB_ALIAS, connections
+from django.db.transaction import TransactionManagementError
 from django.db.models import Field, Model
 
-from sagas.models import OutboxEvent, SagaInstance, SagaState, StepExecution, StepState
+from sagas.models import ConsumerDelivery, InboxMessage, OutboxEvent, SagaInstance, SagaState, StepExecution, StepState
 
 _RUNS_FORWARD = (SagaState.PENDING, SagaState.RUNNING)
 _NO_OUTCOME = (StepState.PENDING, StepState.RUNNING, StepState.RETRYING)
@@ -93,6 +95,56 @@ def outbox_insert(event: OutboxEvent, *, lock_key: str) -> OutboxEvent:
     return event
 
 
+def inbox_claim(*, consumer: str, event_id: str, event_type: str, received_at: datetime) -> bool:
+    """Write the consumer's inbox row for this event unless there is one: True when written
+    (in this transaction, which then owns it), False for a duplicate. One statement, no savepoint."""
+    conn = connections[DEFAULT_DB_ALIAS]
+    meta = InboxMessage._meta
+    received = meta.get_field("received_at").get_db_prep_save(received_at, conn)
+    with conn.cursor() as cursor:
+        cursor.execute(_shapes(conn.vendor).inbox_claim, [consumer, meta.get_field("event_id").get_db_prep_save(event_id, conn), event_type, received])
+        return cursor.rowcount == 1
+
+
+def consumer_delivery_count(*, consumer: str, event_id: str, deaths: int) -> int:
+    """Count a delivery of this event to this consumer (and `deaths` earlier deliveries the broker
+    tells of, unless the count shows one already) and return the count. Commits with the caller's
+    transaction, or at once outside one."""
+    conn = connections[DEFAULT_DB_ALIAS]
+    shapes = _shapes(conn.vendor)
+    key = [consumer, ConsumerDelivery._meta.get_field("event_id").get_db_prep_save(event_id, conn)]
+    with conn.cursor() as cursor:
+        cursor.execute(shapes.consumer_delivery_count, [*key, 1 + deaths, deaths])
+        if conn.vendor == "postgresql":
+            return cursor.fetchone()[0]
+        cursor.execute(shapes.consumer_delivery_read, key)
+        return cursor.fetchone()[0]
+
+
+@contextlib.contextmanager
+def savepoints_off(what: str = "this work"):
+    """Atomic blocks opened inside make no savepoint, on every backend alike: Django's atomic asks
+    the connection whether one is allowed, and this connection answers "no" until the block ends
+    (an instance attribute over the backend's method; deleted, the method answers again). For
+    work inside a transaction that rolls back whole when anything in it raises (a saga step, a
+    consumer's handler), where each savepoint would only cost two round trips."""
+    conn = connections[DEFAULT_DB_ALIAS]
+    conn._savepoint_allowed = _never
+    try:
+        yield
+    except TransactionManagementError as exc:
+        raise TransactionManagementError(
+            f"{exc} ({what} runs without savepoints: an error inside one of its atomic blocks rolls all of it back; "
+            "code that catches such errors and goes on needs savepoints=True)"
+        ) from exc
+    finally:
+        del conn._savepoint_allowed
+
+
+def _never() -> bool:
+    return False
+
+
 class _Shapes:
     """The statements of one backend, built once."""
 
@@ -117,6 +169,19 @@ class _Shapes:
             f"AND NOT EXISTS (SELECT 1 FROM {t} earlier WHERE earlier.saga_id = {t}.saga_id "
             f"AND earlier.direction = {t}.direction AND earlier.position < {t}.position AND earlier.state <> %s)"
         )
+        inbox, counts = InboxMessage._meta, ConsumerDelivery._meta
+        self.inbox_claim = (
+            f"INSERT INTO {q(inbox.db_table)} (consumer, event_id, event_type, received_at) VALUES (%s, %s, %s, %s) "
+            f"ON CONFLICT (consumer, event_id) DO NOTHING"
+        )
+        c = q(counts.db_table)
+        self.consumer_delivery_count = (
+            f"INSERT INTO {c} (consumer, event_id, deliveries) VALUES (%s, %s, %s) ON CONFLICT (consumer, event_id) "
+            f"DO UPDATE SET deliveries = {c}.deliveries + 1 + CASE WHEN {c}.deliveries = 0 THEN %s ELSE 0 END"
+        )
+        if vendor == "postgresql":
+            self.consumer_delivery_count += " RETURNING deliveries"
+        self.consumer_delivery_read = f"SELECT deliveries FROM {c} WHERE consumer = %s AND event_id = %s"
         self.outbox_fields: list[Field] = [f for f in outbox.concrete_fields if f is not outbox.pk]
         placeholders = ", ".join(["%s"] * len(self.outbox_fields))
         self.outbox_insert = (

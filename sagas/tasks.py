@@ -1,7 +1,6 @@
 """The engine's Celery tasks. Each takes ids, makes one call into the engine, and translates the
 outcome into what Celery should do with the message."""
 
-import functools
 import logging
 import uuid
 from datetime import timedelta
@@ -13,6 +12,7 @@ from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 
 from sagas import consumers, dispatch, outbox, relay, runner, services
+from sagas.counting import Counting
 from sagas.definition import COMPENSATE, FORWARD
 from sagas.exceptions import BusinessError, SagaNotFound
 from sagas.models import HousekeepingRun
@@ -60,18 +60,14 @@ def _step_arguments_problem(saga_id, step, direction) -> str:
         return f"direction must be {FORWARD!r} or {COMPENSATE!r}"
     return ""
 
-# Transports that flag a message they deliver again: kombu's Redis transport (and Sentinel) when
-# it restores an unacknowledged message, AMQP brokers when they requeue one. A step's first
-# delivery over them is counted with its outcome, in one transaction (sagas.runner.Counting); over
-# any other transport (the embedded SQLAlchemy one) every delivery is counted before it runs.
-_FLAGGING_TRANSPORTS = frozenset({"redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp", "librabbitmq"})
-
-
-@functools.cache
-def _transport_flags_redelivery(broker_url: str) -> bool:
-    first = broker_url.split(";")[0]  # a failover list: its transports are alike
-    scheme = first.partition("://")[0].lower()
-    return scheme in _FLAGGING_TRANSPORTS
+def _counting(task: Task, *, resent: bool) -> Counting:
+    """How this delivery is counted (sagas.counting): from the broker's redelivered flag and
+    whether the engine's sweep re-sent it."""
+    return Counting.for_message(
+        broker_url=task.app.conf.broker_url or "",
+        redelivered=bool((task.request.delivery_info or {}).get("redelivered")),
+        resent=resent,
+    )
 
 
 # The database being unreachable is an infrastructure fault, not the step's: retry the message
@@ -108,11 +104,7 @@ def run_step(self, *, saga_id: str, step: str, direction: str) -> None:
     def republish() -> None:
         self.signature_from_request().apply_async()
 
-    counting = runner.Counting.for_message(
-        transport_flags=_transport_flags_redelivery(self.app.conf.broker_url or ""),
-        redelivered=bool((self.request.delivery_info or {}).get("redelivered")),
-        redriven=bool(getattr(self.request, dispatch.REDRIVE_HEADER, False)),
-    )
+    counting = _counting(self, resent=bool(getattr(self.request, dispatch.REDRIVE_HEADER, False)))
     try:
         result = runner.step_run(saga_id=saga_id, step_name=step, direction=direction, republish=republish, counting=counting)
     except SagaNotFound:
@@ -177,7 +169,12 @@ def consume_event(self, *, consumer: str, message: dict, redelivery: bool = Fals
     if problem:
         raise self.refuse(problem)
     try:
-        consumers.consume(consumer=consumer, message=message, max_deliveries=settings.CONSUMER_MAX_DELIVERIES)
+        consumers.consume(
+            consumer=consumer,
+            message=message,
+            max_deliveries=settings.CONSUMER_MAX_DELIVERIES,
+            counting=_counting(self, resent=redelivery),
+        )
     except (OperationalError, InterfaceError):
         raise
     except BusinessError as exc:

@@ -5,10 +5,11 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from django.db import transaction
+from django.db import IntegrityError, transaction
+from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 
-from sagas.consumers import consume, consumer_give_up, consumers_redeliver, subscribers
+from sagas.consumers import consume, consumer_give_up, consumers_redeliver, subscribe, subscribers
 from sagas.models import InboxMessage, OutboxEvent, ParkedDelivery
 from sagas.outbox import outbox_emit
 from sagas.publishers import ConsumerTaskPublisher, message
@@ -208,3 +209,31 @@ def test_staff_list_parked_deliveries_and_replay_one_with_a_fresh_budget(saga_wo
         time.sleep(0.1)
     assert Effect.objects.filter(saga_id=event.aggregate_id, step="THING_HAPPENED").count() == 1
     assert not ParkedDelivery.objects.filter(event_id=event.id).exists()
+
+
+def catch_a_duplicate_and_go_on(event) -> None:
+    Effect.objects.create(saga_id=uuid.UUID(event.aggregate_id), step="first", direction="forward", pid=0)
+    try:
+        with transaction.atomic():
+            InboxMessage.objects.create(consumer="test-recorder", event_id=event.id, event_type=event.type, received_at=timezone.now())
+            InboxMessage.objects.create(consumer="test-recorder", event_id=event.id, event_type=event.type, received_at=timezone.now())
+    except IntegrityError:
+        pass
+    Effect.objects.create(saga_id=uuid.UUID(event.aggregate_id), step="after", direction="forward", pid=0)
+
+
+subscribe("test-catching", events=["CATCH_ME"])(catch_a_duplicate_and_go_on)
+subscribe("test-catching-savepoints", events=["CATCH_ME"], savepoints=True)(catch_a_duplicate_and_go_on)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_handler_runs_without_savepoints_unless_it_asks_for_them():
+    with transaction.atomic():
+        event = outbox_emit(aggregate_type="thing", aggregate_id=uuid.uuid4(), event_type="CATCH_ME", payload={})
+
+    with pytest.raises(TransactionManagementError, match=r"consumer test-catching \(subscribe\(\.\.\., savepoints=True\)\) runs without savepoints"):
+        consume(consumer="test-catching", message=message(event))
+    assert not InboxMessage.objects.filter(consumer="test-catching").exists(), "all of it rolled back"
+
+    assert consume(consumer="test-catching-savepoints", message=message(event)) is True
+    assert [e.step for e in Effect.objects.filter(saga_id=event.aggregate_id).order_by("id")] == ["first", "after"]

@@ -225,7 +225,7 @@ def test_an_action_that_catches_a_database_error_and_goes_on_is_told_to_ask_for_
     result = run(saga, "catch")
 
     assert result.outcome is runner.Outcome.FAILED
-    assert "Step(..., savepoints=True)" in step_row(saga, "catch").last_error
+    assert "step catch (Step(..., savepoints=True)) runs without savepoints" in step_row(saga, "catch").last_error
     assert not OutboxEvent.objects.filter(aggregate_id=str(saga.id)).exists(), "the whole step rolled back"
 
 
