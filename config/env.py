@@ -91,6 +91,10 @@ def postgres_options() -> dict:
     lock_ms = env_int("DB_LOCK_TIMEOUT_MS", 5000)
     idle_ms = env_int("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", 60000)
     return {
+        # Server-side binding: parameters travel apart from the statement, and psycopg prepares a
+        # statement once it has run it a few times (the engine's hot path runs the same few). Off
+        # behind PgBouncer in transaction mode (before 1.21), which cannot keep prepared statements.
+        "server_side_binding": env_bool("DB_SERVER_SIDE_BINDING", False),
         "connect_timeout": env_int("DB_CONNECT_TIMEOUT", 3),  # libpq's minimum is 2
         "keepalives": 1,
         "keepalives_idle": 10,
