@@ -1,0 +1,134 @@
+"""The benchmark's bulk-loaded history (perf.history) looks like what the services leave behind."""
+
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.core import checks
+from django.db import connection
+from django.db.models import Count
+from django.utils import timezone
+
+from orders.models import Flow, IdempotencyRecord, Order, OrderStatus
+from orders.selectors import money_violations, order_reservation_violations, order_saga_mismatches, stock_violations
+from orders.services import LineRequest, order_place
+from perf.history import history_load
+from sagas import consumers, relay
+from sagas.models import InboxMessage, OutboxEvent, SagaInstance, SagaState, StepExecution
+from sagas.selectors import consumer_inbox_gaps, saga_step_order_violations, sagas_unfinished
+from sagas.services import saga_sweep
+from sagas.versions import saga_definition_mismatches
+from tests.orders_helpers import a_product, a_user
+from tests.test_saga_versions import versions_table
+
+pytestmark = pytest.mark.django_db
+postgres_only = pytest.mark.services(reason="the history is bulk-loaded with PostgreSQL's SQL")
+
+SAGAS = 600  # 660 orders: every kind of saga, one FAILED (order 500), choreographed ones too
+
+
+@pytest.fixture
+def products():
+    return [a_product(f"HIST-{n}", price=f"{n + 1}.50", on_hand=100_000) for n in range(5)]
+
+
+@pytest.fixture
+def history(products):
+    return history_load(sagas=SAGAS, chunk=250, progress=False, vacuum=False)
+
+
+def history_orders(loaded):
+    return Order.objects.filter(owner__username__startswith=f"hist-{loaded.salt}-")
+
+
+@postgres_only
+def test_the_history_has_the_sagas_asked_for_in_every_finished_state(history):
+    sagas = SagaInstance.objects.filter(order__in=history_orders(history))
+    states = dict(sagas.values_list("state").annotate(n=Count("pk")))
+
+    assert sagas.count() == SAGAS
+    assert history_orders(history).count() == SAGAS + SAGAS // 10
+    assert history_orders(history).filter(flow=Flow.CHOREOGRAPHED, saga__isnull=True).count() == SAGAS // 10
+    assert states[SagaState.FAILED] == 1
+    assert states[SagaState.COMPENSATED] > 30
+    assert states[SagaState.COMPLETED] == SAGAS - states[SagaState.FAILED] - states[SagaState.COMPENSATED]
+    assert set(sagas.values_list("name", "version").distinct()) == {("place_order", 1)}
+    assert StepExecution.objects.filter(saga__in=sagas, direction="forward").count() == 4 * SAGAS
+    assert not StepExecution.objects.filter(saga__in=sagas.filter(state=SagaState.COMPLETED), direction="compensate").exists()
+
+
+@postgres_only
+def test_the_history_keeps_the_shops_and_the_engines_invariants(history):
+    orders = history_orders(history)
+    sagas = SagaInstance.objects.filter(order__in=orders)
+    failed_orders = {str(o) for o in orders.filter(saga__state=SagaState.FAILED).values_list("pk", flat=True)}
+
+    mismatches = order_saga_mismatches(orders)
+
+    # A FAILED saga (its refund kept failing) leaves its order pending for an operator, as in life.
+    assert len(mismatches) == len(failed_orders) == 1
+    assert next(iter(failed_orders)) in mismatches[0]
+    assert money_violations(orders) == []
+    assert order_reservation_violations(orders) == []
+    assert stock_violations() == []
+    assert saga_step_order_violations(sagas) == []
+    assert sagas_unfinished(sagas).count() == 0
+    assert consumer_inbox_gaps() == []
+    assert InboxMessage.objects.count() == 3 * (SAGAS // 10)
+    assert not OutboxEvent.objects.filter(published_at__isnull=True).exists()
+
+
+@postgres_only
+def test_the_system_check_and_the_versions_command_accept_the_history(history):
+    table = versions_table()
+
+    assert saga_definition_mismatches() == []
+    assert [m for m in checks.run_checks(tags=["sagas"]) if m.is_serious()] == []
+    assert "place_order" in table and "STRANDED" not in table and "CHANGED" not in table
+
+
+@postgres_only
+def test_the_sweeper_the_relay_and_the_redelivery_sweep_leave_the_history_alone(history):
+    later = timezone.now() + timedelta(days=30)  # past every step timeout and deadline
+
+    assert saga_sweep(now=later) == {"overdue": 0, "redriven": 0}
+    assert list(relay.claimable(later)) == []
+    assert consumers.consumers_redeliver(now=timezone.now(), min_age=timedelta(0), window=timedelta(days=30)) == 0
+    assert relay.outbox_cleanup(now=timezone.now()) == 0  # inside the retention
+
+
+@postgres_only
+def test_a_loaded_order_is_what_the_order_service_would_have_written(history):
+    loaded = history_orders(history).filter(flow=Flow.ORCHESTRATED, status=OrderStatus.CONFIRMED).first()
+    lines = [LineRequest(item.sku, item.quantity) for item in loaded.items.order_by("id")]
+
+    placed = order_place(owner=a_user("shopper"), lines=lines, payment_method=loaded.payment_method, idempotency_key="same-body").order
+
+    def created(order):
+        payload = OutboxEvent.objects.get(aggregate_id=str(order.pk), event_type="ORDER_CREATED").payload
+        return {k: v for k, v in payload.items() if k not in ("order_id", "owner_id")}
+
+    assert created(loaded) == created(placed)
+    assert placed.total == loaded.total > Decimal("0")
+    assert IdempotencyRecord.objects.get(order=placed).fingerprint == IdempotencyRecord.objects.get(order=loaded).fingerprint
+    assert loaded.saga.definition_fingerprint == placed.saga.definition_fingerprint
+    assert list(loaded.saga.steps.filter(direction="forward").order_by("position").values_list("name", "state")) == [
+        ("create_order", "COMPLETED"), ("reserve_inventory", "COMPLETED"), ("process_payment", "COMPLETED"),
+        ("notify_fulfillment", "COMPLETED"),
+    ]
+
+
+@postgres_only
+def test_indexes_set_aside_for_a_big_load_are_all_built_again(products):
+    before = index_names()
+
+    history_load(sagas=50, progress=False, vacuum=False, set_aside_indexes=True)
+
+    assert index_names() == before
+    assert "step_unique_per_direction" in before
+
+
+def index_names() -> set[str]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'public'")
+        return {name for (name,) in cursor.fetchall()}
