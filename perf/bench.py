@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -35,6 +35,11 @@ TARGETS = {
     "api_p99_ms": 100.0,  # at most, at perf.measure.API_RATE requests/s
 }
 
+# The history phase's size: `make bench` loads this many finished sagas (about a minute more);
+# `--history 1000000` shows the million (a few minutes more).
+HISTORY_DEFAULT = 100_000
+HISTORY_QUICK = 10_000
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -46,6 +51,7 @@ class Plan:
     drain_events: int
     api_seconds: float
     pg_commit_seconds: float
+    history: int = 0  # finished sagas bulk-loaded by the history phase (perf.history_bench); 0: skipped
 
     @classmethod
     def for_mode(cls, quick: bool) -> Plan:
@@ -95,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about a minute, smaller samples")
     parser.add_argument("--out", type=Path, default=None, help="where the report goes (default docs/benchmarks/, with --quick var/benchmarks/)")
-    parser.add_argument("--only", help="comma-separated subset of: reference,sagas,outbox,drain,api (for profiling)")
+    parser.add_argument("--only", help="comma-separated subset of: reference,sagas,outbox,drain,history,api (for profiling)")
+    parser.add_argument("--history", type=int, default=None, metavar="N",
+                        help=f"bulk-load N finished sagas and measure the hot paths at 0 and at N (default {HISTORY_DEFAULT:,}, "
+                             f"with --quick {HISTORY_QUICK:,}; 0 skips it)")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = REPO / ("var" if args.quick else "docs") / "benchmarks"
@@ -108,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from perf import bench_report, measure
 
     plan = Plan.for_mode(args.quick)
+    plan = replace(plan, history=args.history if args.history is not None else (HISTORY_QUICK if args.quick else HISTORY_DEFAULT))
     only = set(args.only.split(",")) if args.only else None
     started = time.monotonic()
     results = measure.run_all(plan, only=only)

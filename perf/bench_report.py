@@ -155,6 +155,10 @@ def markdown(results: dict, charts: list[Path], *, command: str, machine_line: s
             f"{a['throughput_per_s']} ok/s, statuses {a['statuses']}, p50 {a['latency']['p50_ms']} ms, p99 {a['latency']['p99_ms']} ms.",
             "",
         ]
+    if "history" in results:
+        from perf.history_bench import markdown as history_markdown
+
+        lines += history_markdown(results["history"])
     if "worker_rss_start_mib" in results:
         s, e = results["worker_rss_start_mib"], results["worker_rss_end_mib"]
         lines += ["## Worker memory (RSS)", "", f"- main process: {s['main']} MiB at start, {e['main']} MiB after the run",

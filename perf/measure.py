@@ -29,6 +29,7 @@ from orders.models import Flow, Order, OrderStatus
 from orders.services import LineRequest, order_place
 from perf import baseline
 from perf.common import REPO, summary_ms
+from perf.history_bench import history_phase
 from perf.services import free_port
 from sagas.models import OutboxEvent
 from sagas.outbox import outbox_emit
@@ -57,9 +58,11 @@ def run_all(plan, *, only=None) -> dict:
         ("sagas", lambda: saga_variants(plan.sagas, owner, products)),
         ("outbox", lambda: outbox_latency(plan.outbox_seconds)),
         ("drain", lambda: relay_drain(plan.drain_events)),
+        ("history", lambda: history_phase(plan, owner, products)),
         ("api", lambda: api_load(plan.api_seconds, owner, products)),
     ]
     phases = [p for p in phases if wanted(p[0])]
+    phases = [p for p in phases if p[0] != "history" or getattr(plan, "history", 0)]
     with tqdm(total=len(phases), desc="bench", unit="phase", position=0) as bar:
         worker = CeleryWorker(concurrency=WORKER_CONCURRENCY, include=["perf.baseline"], env=subprocess_environment())
         with worker:

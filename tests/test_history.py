@@ -1,4 +1,5 @@
-"""The benchmark's bulk-loaded history (perf.history) looks like what the services leave behind."""
+"""The benchmark's bulk-loaded history (perf.history) looks like what the services leave behind,
+and the benchmark's report of the hot paths at 0 and at N (perf.history_bench)."""
 
 from datetime import timedelta
 from decimal import Decimal
@@ -13,6 +14,8 @@ from orders.models import Flow, IdempotencyRecord, Order, OrderStatus
 from orders.selectors import money_violations, order_reservation_violations, order_saga_mismatches, stock_violations
 from orders.services import LineRequest, order_place
 from perf.history import history_load
+from perf.history_bench import plan_cell
+from perf.history_bench import markdown as history_markdown
 from sagas import consumers, relay
 from sagas.models import InboxMessage, OutboxEvent, SagaInstance, SagaState, StepExecution
 from sagas.selectors import consumer_inbox_gaps, saga_step_order_violations, sagas_unfinished
@@ -132,3 +135,30 @@ def index_names() -> set[str]:
     with connection.cursor() as cursor:
         cursor.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'public'")
         return {name for (name,) in cursor.fetchall()}
+
+
+# --- the report's section -------------------------------------------------------------------------
+
+
+def test_the_report_shows_each_query_at_0_and_at_n_and_marks_a_sequential_scan_of_the_history():
+    seq = {"sql": 'SELECT "a" FROM "sagas_outboxevent"', "ms": 700.0, "scans": ["Seq Scan sagas_outboxevent"]}
+    indexed = {"sql": 'SELECT "a" FROM "sagas_sagainstance" WHERE "state" = \'FAILED\'', "ms": 0.1, "scans": ["Index Only Scan saga_stuck_idx"]}
+    point = lambda ms, plans: {"ms": ms, "runs": [ms], "_plans": plans, "plan": plan_cell(plans)}  # noqa: E731
+    history = {
+        "sagas": 1_000_000, "repeat": 5, "web_deadline_s": 4.0,
+        "load": {"seconds": 300.0, "rows_seconds": 200.0, "indexes_seconds": 60.0, "vacuum_seconds": 40.0, "orders": 1_100_000,
+                 "since": "2026-11-19T19:00:00", "until": "2026-11-25T19:00:00"},
+        "throughput_at_0": {"sagas": 300, "per_s": 20.0, "p50_ms": 900.0, "p99_ms": 1500.0},
+        "throughput_at_n": {"sagas": 300, "per_s": 19.0, "p50_ms": 950.0, "p99_ms": 1600.0},
+        "at_0": {"health: database facts": point(9.0, [seq]), "admin: saga list": point(40.0, [indexed])},
+        "at_n": {"health: database facts": point(700.0, [seq]), "admin: saga list": point(4500.0, [indexed])},
+        "tables": {"sagas_outboxevent": {"rows": 5_500_000, "mib": 3000.0}},
+    }
+
+    text = "\n".join(history_markdown(history))
+
+    assert "| health: database facts | 9.0 | 700.0 | **Seq Scan sagas_outboxevent** |" in text
+    assert "| admin: saga list | 40.0 | 4500.0 (over the 4 s request deadline: a 503 in production) | Index Only Scan saga_stuck_idx |" in text
+    assert "**20.0 sagas/s at 0, 19.0 sagas/s at 1,000,000**" in text
+    assert "- health: database facts: `SELECT ... FROM sagas_outboxevent`: Seq Scan sagas_outboxevent, 700.0 ms" in text
+    assert "- admin: saga list" not in text  # statement by statement: only the engine's
