@@ -1,8 +1,9 @@
 """`make bench`: chainsaga against a hand-rolled Celery chain, on PostgreSQL + Redis with real
 `celery worker` processes, everything in one run so the ratios mean something.
 
-    python -m perf.bench            # about 4 minutes on 2 cores
+    python -m perf.bench            # about 6 minutes on 2 cores
     python -m perf.bench --quick    # about 1 minute, smaller samples (figures are noisier)
+    python -m perf.bench --history 1000000  # the history phase with a million sagas (a few minutes more)
 
 Writes docs/benchmarks/latest.{md,json} and charts (PNG) next to them (--quick: var/benchmarks/,
 not committed); --out picks another folder.
