@@ -1,8 +1,9 @@
 """`make bench`: chainsaga against hand-rolled Celery chains, on PostgreSQL + Redis with real
 `celery worker` processes, everything in one run so the ratios mean something.
 
-    python -m perf.bench            # about 10 minutes on 2 cores
+    python -m perf.bench            # about 12 minutes on 2 cores
     python -m perf.bench --quick    # about 2 minutes, smaller samples (figures are noisier)
+    python -m perf.bench --history 1000000  # the history phase with a million sagas (a few minutes more)
 
 Writes docs/benchmarks/latest.{md,json} and charts (PNG) next to them (--quick: var/benchmarks/,
 not committed); --out picks another folder.
@@ -34,7 +35,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -55,6 +56,11 @@ TARGETS = {  # name: (sense, goal); the ratios are medians over rounds at the he
     "api_p99_ms": (AT_MOST, 100.0),  # at perf.measure.API_RATE requests/s
 }
 
+# The history phase's size: `make bench` loads this many finished sagas (about a minute more);
+# `--history 1000000` shows the million (a few minutes more).
+HISTORY_DEFAULT = 100_000
+HISTORY_QUICK = 10_000
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -68,6 +74,7 @@ class Plan:
     drain_events: int
     api_seconds: float
     pg_commit_seconds: float
+    history: int = 0  # finished sagas bulk-loaded by the history phase (perf.history_bench); 0: skipped
 
     @classmethod
     def for_mode(cls, quick: bool) -> Plan:
@@ -119,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about two minutes, smaller samples")
     parser.add_argument("--out", type=Path, default=None, help="where the report goes (default docs/benchmarks/, with --quick var/benchmarks/)")
-    parser.add_argument("--only", help="comma-separated subset of: reference,sagas,outbox,drain,api (for profiling)")
+    parser.add_argument("--only", help="comma-separated subset of: reference,sagas,outbox,drain,history,api (for profiling)")
+    parser.add_argument("--history", type=int, default=None, metavar="N",
+                        help=f"bulk-load N finished sagas and measure the hot paths at 0 and at N (default {HISTORY_DEFAULT:,}, "
+                             f"with --quick {HISTORY_QUICK:,}; 0 skips it)")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = REPO / ("var" if args.quick else "docs") / "benchmarks"
@@ -132,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from perf import bench_report, measure
 
     plan = Plan.for_mode(args.quick)
+    plan = replace(plan, history=args.history if args.history is not None else (HISTORY_QUICK if args.quick else HISTORY_DEFAULT))
     only = set(args.only.split(",")) if args.only else None
     started = time.monotonic()
     results = measure.run_all(plan, only=only)

@@ -184,6 +184,10 @@ def markdown(results: dict, charts: list[Path], *, command: str, machine_line: s
             f"{a['throughput_per_s']} ok/s, statuses {a['statuses']}, p50 {a['latency']['p50_ms']} ms, p99 {a['latency']['p99_ms']} ms.",
             "",
         ]
+    if "history" in results:
+        from perf.history_bench import markdown as history_markdown
+
+        lines += history_markdown(results["history"])
     for chart in charts:
         lines.append(f"![{chart.stem}]({chart.name})")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ from orders.models import Flow, Order, OrderStatus
 from orders.services import LineRequest, order_place
 from perf import baseline
 from perf.common import REPO, paired_ratios, process_cpu_seconds, spread, summary_ms
+from perf.history_bench import history_phase
 from perf.services import free_port
 from sagas import dispatch
 from sagas.models import OutboxEvent
@@ -63,9 +64,11 @@ def run_all(plan, *, only=None) -> dict:
         ("sagas", lambda: saga_sweep(plan, owner, products)),
         ("outbox", lambda: outbox_latency(plan.outbox_seconds)),
         ("drain", lambda: relay_drain(plan.drain_events)),
+        ("history", lambda: history_phase(plan, owner, products)),
         ("api", lambda: api_load(plan.api_seconds, owner, products)),
     ]
     phases = [p for p in phases if wanted(p[0])]
+    phases = [p for p in phases if p[0] != "history" or getattr(plan, "history", 0)]
     with tqdm(total=len(phases), desc="bench", unit="phase", position=0) as bar:
         for name, run in phases:
             bar.set_postfix_str(name)

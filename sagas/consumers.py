@@ -236,10 +236,14 @@ def consumers_redeliver(*, now: datetime, min_age: timedelta, window: timedelta,
     sent = 0
     for name, subscription in sorted(_subscriptions.items()):
         handled = InboxMessage.objects.filter(consumer=name, event_id=OuterRef("id"))
+        # In publication order, which keeps each aggregate's order (the relay publishes an event
+        # only after the one before it) and walks outbox_published_idx through the window: ordered
+        # by sequence, PostgreSQL would rather walk the primary key through every retained event,
+        # hoping to meet `limit` missing ones early (and there are none, most of the time).
         missing = (
             subscription.matching(OutboxEvent.objects.filter(published_at__lt=now - min_age, published_at__gte=now - window))
             .exclude(Exists(handled))
-            .order_by("sequence")[:limit]
+            .order_by("published_at", "sequence")[:limit]
         )
         for event in missing:
             _send(name, event, redelivery=True)

@@ -67,6 +67,9 @@ class SagaInstance(models.Model):
         indexes = [
             models.Index(fields=["state", "stuck_after"], name="saga_stuck_idx"),
             models.Index(fields=["state", "deadline_at"], name="saga_deadline_idx"),
+            # Newest first, as the admin lists them (its ordering plus the primary key): a page of
+            # a long history is read from the index, not sorted out of the whole table.
+            models.Index(fields=["-created_at", "-id"], name="saga_created_idx"),
         ]
 
     def __str__(self) -> str:
@@ -162,6 +165,13 @@ class OutboxEvent(models.Model):
         indexes = [
             models.Index(fields=["aggregate_type", "aggregate_id", "sequence"], name="outbox_aggregate_idx"),
             models.Index(fields=["sequence"], condition=Q(published_at__isnull=True), name="outbox_unpublished_idx"),
+            # Published events by when: the consumers' redelivery sweep (a window of the last day,
+            # the types a consumer wants, checked in the index), outbox_cleanup (older than the
+            # retention) and health's rate of the last minute, each without reading the retained
+            # history. Unpublished events (just inserted) have no entry to maintain.
+            models.Index(
+                fields=["published_at", "event_type"], condition=Q(published_at__isnull=False), name="outbox_published_idx"
+            ),
         ]
 
     def __str__(self) -> str:
