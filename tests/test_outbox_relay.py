@@ -1,6 +1,8 @@
 """The transactional outbox and its relay: each guarantee of the outbox issue as its own test."""
 
+import os
 import threading
+import time
 import uuid
 from datetime import timedelta
 from types import SimpleNamespace
@@ -12,7 +14,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from sagas.models import OutboxEvent
-from sagas.outbox import OutsideTransaction, kick_mark_clear, outbox_emit
+from sagas.outbox import KICK_EXPIRES, FileKickMark, OutsideTransaction, kick_mark_clear, outbox_emit
 from sagas.publishers import Outcomes, RedisStreamPublisher, destination
 from sagas.relay import outbox_cleanup, outbox_relay, outbox_replay
 
@@ -82,7 +84,6 @@ def test_events_are_published_once_in_order_per_aggregate_and_marked():
     assert outbox_relay(publisher=recorder).published == 0, "nothing is published twice"
 
 
-@services_only
 @pytest.mark.django_db(transaction=True)
 def test_commits_while_a_kick_is_queued_send_no_more_kicks_until_a_relay_starts(monkeypatch):
     kicks = []
@@ -97,6 +98,19 @@ def test_commits_while_a_kick_is_queued_send_no_more_kicks_until_a_relay_starts(
 
     assert (kicks_before_a_relay_started, len(kicks)) == (1, 2)
     assert kicks == ["sagas.relay_outbox"] * 2
+
+
+def test_a_kick_mark_file_older_than_a_kick_lives_is_taken_over(tmp_path):
+    mark = FileKickMark(tmp_path / "db.sqlite3.relay-kick")
+
+    first, second = mark.take(), mark.take()
+    expired = time.time() - KICK_EXPIRES - 1
+    os.utime(mark.path, (expired, expired))  # its kick was lost and no relay cleared it
+    after_expiry = mark.take()
+    mark.clear()
+    after_a_relay_started = mark.take()
+
+    assert (first, second, after_expiry, after_a_relay_started) == (True, False, True, True)
 
 
 @pytest.mark.django_db(transaction=True)
