@@ -1,6 +1,6 @@
 """Fault injection for tests and demos: make a named step fail, crash its worker, or arrive twice.
 
-Off unless settings.SAGAS_FAULT_INJECTION is true (it costs one query per step)."""
+Off unless settings.SAGAS_FAULT_INJECTION is true (it costs one read per step)."""
 
 from __future__ import annotations
 
@@ -26,14 +26,17 @@ def fault_take(*, saga: SagaInstance, step: str, direction: str) -> frozenset[st
     if not settings.SAGAS_FAULT_INJECTION:
         return frozenset()
     kinds: set[str] = set()
+    matching = (
+        Fault.objects.filter(saga_name=saga.name, step=step, direction=direction)
+        .filter(Q(saga__isnull=True) | Q(saga=saga))
+        .filter(Q(remaining__isnull=True) | Q(remaining__gt=0))
+    )
+    # A plain read first: almost every step has no fault, and the transaction below would take
+    # SQLite's write lock (transaction_mode IMMEDIATE) for nothing, once per step (issue 11).
+    if not matching.exists():
+        return frozenset()
     with transaction.atomic():
-        faults = (
-            Fault.objects.select_for_update()
-            .filter(saga_name=saga.name, step=step, direction=direction)
-            .filter(Q(saga__isnull=True) | Q(saga=saga))
-            .filter(Q(remaining__isnull=True) | Q(remaining__gt=0))
-            .order_by("pk")
-        )
+        faults = matching.select_for_update().order_by("pk")
         for fault in faults:
             if fault.kind in kinds:
                 continue
