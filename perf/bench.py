@@ -33,6 +33,7 @@ TARGETS = {
     "outbox_kick_p99_ms": 50.0,  # at most
     "relay_drain_events_per_s": 5000.0,  # at least
     "api_p99_ms": 100.0,  # at most, at perf.measure.API_RATE requests/s
+    "embedded_vs_services_wall": 2.0,  # at most: place_orders embedded / on PostgreSQL + Redis (perf.embedded)
 }
 
 
@@ -46,12 +47,13 @@ class Plan:
     drain_events: int
     api_seconds: float
     pg_commit_seconds: float
+    embedded_orders: int  # place_orders --count on each setup (the README's 200)
 
     @classmethod
     def for_mode(cls, quick: bool) -> Plan:
         if quick:
-            return cls(sagas=150, noop_chains=500, outbox_seconds=4, drain_events=20_000, api_seconds=6, pg_commit_seconds=1)
-        return cls(sagas=1200, noop_chains=3000, outbox_seconds=20, drain_events=100_000, api_seconds=30, pg_commit_seconds=3)
+            return cls(sagas=150, noop_chains=500, outbox_seconds=4, drain_events=20_000, api_seconds=6, pg_commit_seconds=1, embedded_orders=60)
+        return cls(sagas=1200, noop_chains=3000, outbox_seconds=20, drain_events=100_000, api_seconds=30, pg_commit_seconds=3, embedded_orders=200)
 
 
 def configure_environment() -> dict[str, str]:
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about a minute, smaller samples")
     parser.add_argument("--out", type=Path, default=None, help="where the report goes (default docs/benchmarks/, with --quick var/benchmarks/)")
-    parser.add_argument("--only", help="comma-separated subset of: reference,sagas,outbox,drain,api (for profiling)")
+    parser.add_argument("--only", help="comma-separated subset of: reference,sagas,outbox,drain,api,embedded (for profiling)")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = REPO / ("var" if args.quick else "docs") / "benchmarks"

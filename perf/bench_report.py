@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from perf import embedded
+
 VARIANTS = ("baseline", "orchestrated", "choreographed")
 
 
@@ -15,6 +17,7 @@ def verdicts(results: dict, targets: dict) -> dict:
         "outbox_kick_p99_ms": (results.get("outbox", {}).get("kick", {}).get("latency", {}).get("p99_ms"), "at most"),
         "relay_drain_events_per_s": (results.get("drain", {}).get("per_s"), "at least"),
         "api_p99_ms": (results.get("api", {}).get("latency", {}).get("p99_ms"), "at most"),
+        "embedded_vs_services_wall": (results.get("embedded", {}).get("wall_ratio"), "at most"),
     }
     out = {}
     for name, (value, sense) in measured.items():
@@ -155,6 +158,8 @@ def markdown(results: dict, charts: list[Path], *, command: str, machine_line: s
             f"{a['throughput_per_s']} ok/s, statuses {a['statuses']}, p50 {a['latency']['p50_ms']} ms, p99 {a['latency']['p99_ms']} ms.",
             "",
         ]
+    if "embedded" in results:
+        lines += embedded.markdown(results["embedded"])
     if "worker_rss_start_mib" in results:
         s, e = results["worker_rss_start_mib"], results["worker_rss_end_mib"]
         lines += ["## Worker memory (RSS)", "", f"- main process: {s['main']} MiB at start, {e['main']} MiB after the run",

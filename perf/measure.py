@@ -27,7 +27,7 @@ from inventory.models import Product
 from inventory.services import product_create
 from orders.models import Flow, Order, OrderStatus
 from orders.services import LineRequest, order_place
-from perf import baseline
+from perf import baseline, embedded
 from perf.common import REPO, summary_ms
 from perf.services import free_port
 from sagas.models import OutboxEvent
@@ -58,6 +58,7 @@ def run_all(plan, *, only=None) -> dict:
         ("outbox", lambda: outbox_latency(plan.outbox_seconds)),
         ("drain", lambda: relay_drain(plan.drain_events)),
         ("api", lambda: api_load(plan.api_seconds, owner, products)),
+        ("embedded", lambda: embedded.compare(plan.embedded_orders)),  # own processes: after the worker stopped
     ]
     phases = [p for p in phases if wanted(p[0])]
     with tqdm(total=len(phases), desc="bench", unit="phase", position=0) as bar:
