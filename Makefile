@@ -53,12 +53,13 @@ chaos-short: install
 	$(PY) -m perf.chaos --short $(CHAOS_ARGS)
 
 # Benchmarks on the local PostgreSQL + Redis with real workers: chainsaga against a hand-rolled
-# Celery chain, the outbox, the relay, the API (report and charts in docs/benchmarks/, exit 1 when
-# a target is missed). Uses its own database and Redis databases: see perf/bench.py.
+# Celery chain, the outbox, the relay, the API, place_orders embedded against PostgreSQL + Redis
+# (report and charts in docs/benchmarks/, exit 1 when a target is missed). Uses its own database
+# and Redis databases: see perf/bench.py.
 bench: install
 	$(PY) -m perf.bench $(BENCH_ARGS)
 
-# The same with small samples, in about a minute (figures are noisier; report in var/benchmarks/).
+# The same with small samples, in about two minutes (figures are noisier; report in var/benchmarks/).
 bench-quick: install
 	$(PY) -m perf.bench --quick $(BENCH_ARGS)
 

@@ -1,8 +1,8 @@
 """`make bench`: chainsaga against a hand-rolled Celery chain, on PostgreSQL + Redis with real
 `celery worker` processes, everything in one run so the ratios mean something.
 
-    python -m perf.bench            # about 4 minutes on 2 cores
-    python -m perf.bench --quick    # about 1 minute, smaller samples (figures are noisier)
+    python -m perf.bench            # about 6 minutes on 2 cores
+    python -m perf.bench --quick    # about 2 minutes, smaller samples (figures are noisier)
 
 Writes docs/benchmarks/latest.{md,json} and charts (PNG) next to them (--quick: var/benchmarks/,
 not committed); --out picks another folder.
@@ -95,7 +95,7 @@ def recreate_database(url: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="about a minute, smaller samples")
+    parser.add_argument("--quick", action="store_true", help="about two minutes, smaller samples")
     parser.add_argument("--out", type=Path, default=None, help="where the report goes (default docs/benchmarks/, with --quick var/benchmarks/)")
     parser.add_argument("--only", help="comma-separated subset of: reference,sagas,outbox,drain,api,embedded (for profiling)")
     args = parser.parse_args(argv)
