@@ -54,8 +54,8 @@ chaos-short: install
 
 # Benchmarks on the local PostgreSQL + Redis with real workers: chainsaga against hand-rolled
 # Celery chains (a fair baseline, the naive chain, a no-op chain) in 5 rounds at 2, 4 and 8 worker
-# processes, the outbox, the relay, the API (report and charts in docs/benchmarks/, exit 1 when a
-# target is missed). Uses its own database and Redis databases: see perf/bench.py.
+# processes, the outbox, the relay, the API, place_orders embedded against PostgreSQL + Redis
+# (report and charts in docs/benchmarks/, exit 1 when a target is missed). Uses its own database and Redis databases: see perf/bench.py.
 # The history phase bulk-loads 100,000 finished sagas and times the hot paths at 0 and after; for
 # the million (a few minutes more): make bench BENCH_ARGS="--history 1000000"; 0 skips it.
 bench: install

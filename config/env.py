@@ -119,8 +119,12 @@ def is_sqlalchemy_broker(url: str) -> bool:
 
 
 def broker_transport_options(url: str, *, visibility_timeout: int) -> dict:
-    # The SQLAlchemy transport passes its options to create_engine and has no visibility
-    # timeout: a message taken by a worker that dies is recovered by the saga sweeper.
+    # The SQLAlchemy transport has no visibility timeout: a message taken by a worker that dies is
+    # recovered by the saga sweeper. The stock one passes its options to create_engine; the
+    # embedded one (config.broker) also reads how long a consumer with nothing to do waits
+    # before it looks again.
+    if url.startswith("sqla-fast+"):
+        return {"polling_interval": env_float("BROKER_POLLING_INTERVAL", 0.1)}
     if is_sqlalchemy_broker(url):
         return {}
     options = {"visibility_timeout": visibility_timeout}

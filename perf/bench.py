@@ -54,6 +54,7 @@ TARGETS = {  # name: (sense, goal); the ratios are medians over rounds at the he
     "outbox_kick_p99_ms": (AT_MOST, 50.0),
     "relay_drain_events_per_s": (AT_LEAST, 5000.0),
     "api_p99_ms": (AT_MOST, 100.0),  # at perf.measure.API_RATE requests/s
+    "embedded_vs_services_wall": (AT_MOST, 2.0),  # place_orders embedded / on PostgreSQL + Redis (perf.embedded)
 }
 
 # The history phase's size: `make bench` loads this many finished sagas (about a minute more);
@@ -74,13 +75,14 @@ class Plan:
     drain_events: int
     api_seconds: float
     pg_commit_seconds: float
+    embedded_orders: int = 200  # place_orders --count on each setup (the README's 200)
     history: int = 0  # finished sagas bulk-loaded by the history phase (perf.history_bench); 0: skipped
 
     @classmethod
     def for_mode(cls, quick: bool) -> Plan:
         if quick:  # 3 rounds only, to stay near two minutes: the spreads are wide
             return cls(sagas=30, rounds=3, warmup_sagas=10, concurrencies=(2, 4, 8), outbox_seconds=4, drain_events=20_000,
-                       api_seconds=6, pg_commit_seconds=1)
+                       api_seconds=6, pg_commit_seconds=1, embedded_orders=60)
         return cls(sagas=200, rounds=5, warmup_sagas=40, concurrencies=(2, 4, 8), outbox_seconds=20, drain_events=100_000,
                    api_seconds=30, pg_commit_seconds=3)
 
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about two minutes, smaller samples")
     parser.add_argument("--out", type=Path, default=None, help="where the report goes (default docs/benchmarks/, with --quick var/benchmarks/)")
-    parser.add_argument("--only", help="comma-separated subset of: reference,sagas,outbox,drain,history,api (for profiling)")
+    parser.add_argument("--only", help="comma-separated subset of: reference,sagas,outbox,drain,history,api,embedded (for profiling)")
     parser.add_argument("--history", type=int, default=None, metavar="N",
                         help=f"bulk-load N finished sagas and measure the hot paths at 0 and at N (default {HISTORY_DEFAULT:,}, "
                              f"with --quick {HISTORY_QUICK:,}; 0 skips it)")

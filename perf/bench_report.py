@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from perf import embedded
+
 # In the order of the report's tables; labels for the charts.
 VARIANTS = {
     "orchestrated": "orchestrated",
@@ -38,6 +40,7 @@ def verdicts(results: dict, targets: dict) -> dict:
         "outbox_kick_p99_ms": results.get("outbox", {}).get("kick", {}).get("latency", {}).get("p99_ms"),
         "relay_drain_events_per_s": results.get("drain", {}).get("per_s"),
         "api_p99_ms": results.get("api", {}).get("latency", {}).get("p99_ms"),
+        "embedded_vs_services_wall": results.get("embedded", {}).get("wall_ratio"),
     }
     out = {}
     for name, value in measured.items():
@@ -188,6 +191,8 @@ def markdown(results: dict, charts: list[Path], *, command: str, machine_line: s
         from perf.history_bench import markdown as history_markdown
 
         lines += history_markdown(results["history"])
+    if "embedded" in results:
+        lines += embedded.markdown(results["embedded"])
     for chart in charts:
         lines.append(f"![{chart.stem}]({chart.name})")
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from inventory.models import Product
 from inventory.services import product_create
 from orders.models import Flow, Order, OrderStatus
 from orders.services import LineRequest, order_place
-from perf import baseline
+from perf import baseline, embedded
 from perf.common import REPO, paired_ratios, process_cpu_seconds, spread, summary_ms
 from perf.history_bench import history_phase
 from perf.services import free_port
@@ -66,6 +66,7 @@ def run_all(plan, *, only=None) -> dict:
         ("drain", lambda: relay_drain(plan.drain_events)),
         ("history", lambda: history_phase(plan, owner, products)),
         ("api", lambda: api_load(plan.api_seconds, owner, products)),
+        ("embedded", lambda: embedded.compare(plan.embedded_orders)),  # own processes: after the worker stopped
     ]
     phases = [p for p in phases if wanted(p[0])]
     phases = [p for p in phases if p[0] != "history" or getattr(plan, "history", 0)]

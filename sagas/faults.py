@@ -1,7 +1,7 @@
 """Fault injection for tests and demos: make a named step fail, crash its worker, or arrive twice.
 
 An interceptor (sagas.interceptors), configured only when settings.SAGAS_FAULT_INJECTION is true;
-it costs one query per delivery then, and nothing otherwise."""
+it costs one read per delivery then, and nothing otherwise."""
 
 from __future__ import annotations
 
@@ -69,14 +69,17 @@ def fault_take(*, saga: SagaInstance, step: str, direction: str) -> frozenset[st
     """Consume one of each kind of matching fault and return their kinds. Commits on its own, so
     a crash fault is used up even though the process dies right after."""
     kinds: set[str] = set()
+    matching = (
+        Fault.objects.filter(saga_name=saga.name, step=step, direction=direction)
+        .filter(Q(saga__isnull=True) | Q(saga=saga))
+        .filter(Q(remaining__isnull=True) | Q(remaining__gt=0))
+    )
+    # A plain read first: almost every step has no fault, and the transaction below would take
+    # SQLite's write lock (transaction_mode IMMEDIATE) for nothing, once per step (issue 11).
+    if not matching.exists():
+        return frozenset()
     with transaction.atomic():
-        faults = (
-            Fault.objects.select_for_update()
-            .filter(saga_name=saga.name, step=step, direction=direction)
-            .filter(Q(saga__isnull=True) | Q(saga=saga))
-            .filter(Q(remaining__isnull=True) | Q(remaining__gt=0))
-            .order_by("pk")
-        )
+        faults = matching.select_for_update().order_by("pk")
         for fault in faults:
             if fault.kind in kinds:
                 continue

@@ -9,9 +9,12 @@ If the transaction commits, the event is there to publish; if it rolls back, so 
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from celery import signature
@@ -61,7 +64,9 @@ def outbox_emit(
 # relay starts after this commit and will see its events. At a high commit rate this turns one
 # relay task per commit into a few per second. The mark expires like the kick itself, in case the
 # kick message is lost (the beat's relay covers that gap). It lives in Redis, shared by every
-# process; without REDIS_URL every commit kicks.
+# process; on SQLite without Redis, in a file next to the database, which only processes on its
+# machine can write to (issue 11: there a relay per commit was a fifth of the workers' time);
+# elsewhere every commit kicks.
 KICK_MARK = "sagas:outbox:kick-pending"
 KICK_EXPIRES = 10
 
@@ -72,12 +77,8 @@ def _kick_relay() -> None:
     if dispatch.broker_presumed_down():
         return  # the beat's relay publishes these events; this request waits for no broker
     marks = _kick_marks()
-    if marks is not None:
-        try:
-            if not marks.set(KICK_MARK, 1, nx=True, ex=KICK_EXPIRES):
-                return
-        except RedisError:
-            pass  # kick anyway
+    if marks is not None and not marks.take():
+        return
     dispatch.send(signature("sagas.relay_outbox", options={"expires": KICK_EXPIRES}))
 
 
@@ -86,16 +87,65 @@ def kick_mark_clear() -> None:
     Tests call it too, so a kick that a previous test parked or purged does not hold back theirs."""
     marks = _kick_marks()
     if marks is not None:
+        marks.clear()
+
+
+class RedisKickMark:
+    def __init__(self, url: str):
+        import redis
+
+        self.client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+
+    def take(self) -> bool:
+        """True when no kick was pending (this caller sends one); True also when Redis fails."""
         try:
-            marks.delete(KICK_MARK)
+            return bool(self.client.set(KICK_MARK, 1, nx=True, ex=KICK_EXPIRES))
+        except RedisError:
+            return True  # kick anyway
+
+    def clear(self) -> None:
+        try:
+            self.client.delete(KICK_MARK)
         except RedisError:
             pass  # the mark expires on its own
 
 
-@cache
-def _kick_marks():
-    if not settings.REDIS_URL:
-        return None
-    import redis
+class FileKickMark:
+    """The mark as a file, created exclusively (SET NX); one older than KICK_EXPIRES counts as
+    gone (EX)."""
 
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=0.5, socket_connect_timeout=0.5)
+    def __init__(self, path: Path):
+        self.path = path
+
+    def take(self) -> bool:
+        """True when no kick was pending (this caller sends one); True also when the file fails."""
+        try:
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            return True
+        except FileExistsError:
+            pass
+        except OSError:
+            return True  # kick anyway
+        try:
+            if time.time() - os.stat(self.path).st_mtime <= KICK_EXPIRES:
+                return False
+            os.utime(self.path)  # expired: this kick takes it over
+        except OSError:
+            pass  # a relay started and cleared it meanwhile: kick
+        return True
+
+    def clear(self) -> None:
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass  # none pending; or it expires on its own
+
+
+@cache
+def _kick_marks() -> RedisKickMark | FileKickMark | None:
+    if settings.REDIS_URL:
+        return RedisKickMark(settings.REDIS_URL)
+    name = str(connection.settings_dict.get("NAME") or "")
+    if connection.vendor == "sqlite" and name and name != ":memory:" and not name.startswith("file:"):
+        return FileKickMark(Path(f"{name}.relay-kick"))
+    return None

@@ -3,20 +3,21 @@
     name: str
     def publish(self, events: Sequence[OutboxEvent]) -> list[BaseException | None]
 
-returning one outcome per event, in order (None: published). It must not raise for a failed
-event; the relay backs that event off and, after too many tries, dead-letters it. An outcome
+returning one outcome per event, in order (None: published). The relay calls it outside any
+transaction. It must not raise for a failed event; the relay backs that event off and, after too many tries, dead-letters it. An outcome
 that is a PublishDeferred is not a failure: the event is tried again a second later, no attempt
 counted. Publishing is at least once: the relay may hand the same event over again after a
 crash, so consumers dedupe by `event.id`. A Kafka publisher would produce to topic
 `events.<aggregate_type>` keyed by `aggregate_id` and plug in through settings.OUTBOX_PUBLISHER
-without touching the relay.
+without touching the relay. What the publisher must commit together with the relay's marks
+(the stream positions of RedisStreamPublisher) it returns as an `Outcomes` list whose `record`
+the relay calls inside the transaction that marks the batch published.
 
 A publisher may also have
 
     def verify(self, *, force: bool = False) -> int
 
-which the relay calls outside its transaction at the start of each run and, with force=True,
-after a round in which the publisher deferred events: check that what was published is still
+which the relay calls at the start of each run and, with force=True, after a round in which the publisher deferred events: check that what was published is still
 there and publish again what was lost (returns how many events). Without force the publisher
 decides how often it really looks.
 """
@@ -26,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 
 from django.conf import settings
@@ -38,6 +39,20 @@ from sagas import streams
 from sagas.models import OutboxEvent
 
 log = logging.getLogger("sagas.outbox")
+
+
+class Outcomes(list):
+    """publish()'s outcomes, with `record()`: writes that must commit in the relay's transaction
+    marking the batch published, not before it (see RedisStreamPublisher)."""
+
+    def __init__(self, outcomes=(), *, record: Callable[[], None] | None = None):
+        super().__init__(outcomes)
+        self.record = record or (lambda: None)
+
+
+def record_of(outcomes) -> Callable[[], None]:
+    """What to call in the marking transaction for these outcomes (nothing for a plain list)."""
+    return getattr(outcomes, "record", None) or (lambda: None)
 
 
 class PublishDeferred(Exception):
@@ -75,7 +90,7 @@ class RedisStreamPublisher:
 
     Per round: one SELECT of the streams' remembered entries, one pipelined round trip (a checked
     append script per stream), and one upsert of the new remembered entries, in the relay's
-    transaction."""
+    transaction that marks the batch published (Outcomes.record)."""
 
     name = "redis-streams"
 
@@ -112,8 +127,12 @@ class RedisStreamPublisher:
             else:
                 outcome[stream] = None
                 written[stream] = (batch[0].aggregate_type, ids[-1])
-        streams.positions_record(written, now=timezone.now())
-        return [outcome[destination(event)] for event in events]
+        # Recorded with the relay's marks, in one transaction: a recovery that runs meanwhile then
+        # sees both or neither (sagas.streams), never a position whose events are not yet published.
+        return Outcomes(
+            [outcome[destination(event)] for event in events],
+            record=lambda: streams.positions_record(written, now=timezone.now()),
+        )
 
     def verify(self, *, force: bool = False) -> int:
         """Look for streams that lost entries and publish the retained events to them again: when
@@ -159,10 +178,13 @@ class AllPublishers:
 
     def publish(self, events: Sequence[OutboxEvent]) -> list[BaseException | None]:
         outcomes: list[BaseException | None] = [None] * len(events)
+        records = []
         for publisher in self.publishers:
-            for n, error in enumerate(publisher.publish(events)):
+            published = publisher.publish(events)
+            records.append(record_of(published))
+            for n, error in enumerate(published):
                 outcomes[n] = outcomes[n] or error
-        return outcomes
+        return Outcomes(outcomes, record=lambda: [record() for record in records])
 
     def verify(self, *, force: bool = False) -> int:
         return sum(publisher.verify(force=force) for publisher in self.publishers if hasattr(publisher, "verify"))

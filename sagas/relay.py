@@ -1,10 +1,15 @@
 """The outbox relay: publish committed events at least once, in order per aggregate.
 
 Each round claims the *head* of every aggregate (its oldest unpublished event) that is due, with
-`SELECT ... FOR UPDATE SKIP LOCKED`, publishes the batch, and marks what went out, all in one
-transaction. Claiming only heads is what keeps an aggregate's events in order with several
-relays running: event n+1 becomes claimable only once event n is committed as published. A
-crash after publishing but before the commit republishes those events (at least once); an event
+`SELECT ... FOR UPDATE SKIP LOCKED`, in a short transaction that leases them (next_attempt_at set
+CLAIM_LEASE ahead, so no other relay takes them meanwhile); publishes the batch outside any
+transaction; and marks what went out in a second short transaction. No transaction stays open
+while the publisher talks to a broker: on SQLite that would hold the database's one write lock
+(every step and request waiting behind a publish), on PostgreSQL a connection idle in a
+transaction (issue 11). Claiming only heads is what keeps an aggregate's events in order with
+several relays running: event n+1 becomes claimable only once event n is committed as published.
+A relay that crashes after publishing but before marking leaves its events to be claimed again
+when the lease ends (at least once); one whose publisher raises releases them at once. An event
 committed out of sequence order is simply claimed by a later round. A failing event is retried
 with exponential backoff and jitter and, after settings.OUTBOX_MAX_ATTEMPTS, parked in the dead
 letter; it holds back only its own aggregate. An event the publisher defers (a stream that lost
@@ -19,18 +24,23 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from sagas.definition import Retry
 from sagas.models import OutboxEvent
-from sagas.publishers import PublishDeferred
+from sagas.publishers import PublishDeferred, record_of
 
 log = logging.getLogger("sagas.outbox")
 
 # A deferred event is claimable again after this long (no attempt counted).
 DEFER = timedelta(seconds=1)
+# How long a claimed batch is the claiming relay's to publish and mark. A relay killed meanwhile
+# holds its events back this long; one slower than this (frozen) may see another relay publish
+# them too, which at-least-once allows (consumers dedupe by id). As long as PostgreSQL's
+# idle-in-transaction timeout (config.env), which bounded the single-transaction relay before.
+CLAIM_LEASE = timedelta(seconds=60)
 
 
 @dataclass
@@ -60,20 +70,22 @@ def backoff_policy() -> Retry:
     )
 
 
+def due(now: datetime):
+    """Unpublished, not parked events whose time has come (claimable ones and those behind them)."""
+    return OutboxEvent.objects.filter(published_at__isnull=True, dead_lettered_at__isnull=True).filter(
+        Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now)
+    )
+
+
 def claimable(now: datetime):
-    """Unpublished, not parked, due events with no earlier unpublished event of their aggregate."""
+    """Due events with no earlier unpublished event of their aggregate."""
     earlier = OutboxEvent.objects.filter(
         aggregate_type=OuterRef("aggregate_type"),
         aggregate_id=OuterRef("aggregate_id"),
         published_at__isnull=True,
         sequence__lt=OuterRef("sequence"),
     )
-    return (
-        OutboxEvent.objects.filter(published_at__isnull=True, dead_lettered_at__isnull=True)
-        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
-        .exclude(Exists(earlier))
-        .order_by("sequence")
-    )
+    return due(now).exclude(Exists(earlier)).order_by("sequence")
 
 
 def outbox_relay(*, publisher, batch_size: int | None = None, time_budget: float | None = None) -> RelayResult:
@@ -97,25 +109,60 @@ def outbox_relay(*, publisher, batch_size: int | None = None, time_budget: float
 
 def _relay_round(*, publisher, batch_size: int, policy: Retry, now: datetime) -> tuple[RelayResult, int]:
     result = RelayResult(rounds=1)
-    with transaction.atomic():
-        events = list(claimable(now).select_for_update(skip_locked=True)[:batch_size])
-        if not events:
-            return result, 0
+    events = _claim(batch_size=batch_size, now=now)
+    if not events:
+        return result, 0
+    try:
         outcomes = publisher.publish(events)
-        # When the publisher confirmed, not when the round began: a stream's recovery re-publishes
-        # events by this time (sagas.streams), so it must not be earlier than the publication.
-        published_at = timezone.now()
+    except BaseException:
+        _release(events, now=now)
+        raise
+    # When the publisher confirmed, not when the round began: a stream's recovery re-publishes
+    # events by this time (sagas.streams), so it must not be earlier than the publication.
+    published_at = timezone.now()
+    with transaction.atomic():
+        # Only events still unpublished: a relay that outlived its lease may find them published.
+        waiting = OutboxEvent.objects.filter(published_at__isnull=True)
         published = [event.pk for event, error in zip(events, outcomes, strict=True) if error is None]
-        OutboxEvent.objects.filter(pk__in=published).update(published_at=published_at)
+        waiting.filter(pk__in=published).update(published_at=published_at, next_attempt_at=None)
         result.published = len(published)
+        record_of(outcomes)()  # what the publisher commits with the marks (stream positions)
         deferred = [event.pk for event, error in zip(events, outcomes, strict=True) if isinstance(error, PublishDeferred)]
         if deferred:
-            OutboxEvent.objects.filter(pk__in=deferred).update(next_attempt_at=now + DEFER)
+            waiting.filter(pk__in=deferred).update(next_attempt_at=now + DEFER)
             result.deferred = len(deferred)
         for event, error in zip(events, outcomes, strict=True):
             if error is not None and not isinstance(error, PublishDeferred):
                 _record_failure(event, error, policy=policy, now=now, result=result)
     return result, len(events)
+
+
+def _claim(*, batch_size: int, now: datetime) -> list[OutboxEvent]:
+    """Lease up to batch_size due heads to this relay; [] when none is due. Looks with a plain
+    read first (cheaper than the heads' anti-join): with nothing due no write transaction is
+    begun, which on SQLite takes the database's write lock (transaction_mode IMMEDIATE)."""
+    if not due(now).exists():
+        return []
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            # A claim lost in a crash only makes its events claimable again at once: its commit
+            # need not wait for the disk (SQLite's synchronous=NORMAL does not either).
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL synchronous_commit = off")
+        events = list(claimable(now).select_for_update(skip_locked=True)[:batch_size])
+        OutboxEvent.objects.filter(pk__in=[event.pk for event in events]).update(next_attempt_at=now + CLAIM_LEASE)
+    return events
+
+
+def _release(events: list[OutboxEvent], *, now: datetime) -> None:
+    """The publisher raised: the batch is claimable again at once, no attempt counted. If the
+    database cannot be reached either, the lease runs out instead."""
+    try:
+        OutboxEvent.objects.filter(
+            pk__in=[event.pk for event in events], published_at__isnull=True, next_attempt_at=now + CLAIM_LEASE
+        ).update(next_attempt_at=now)
+    except DatabaseError:
+        log.warning("outbox_claim_not_released events=%s: claimable again in %s", len(events), CLAIM_LEASE)
 
 
 def _record_failure(event: OutboxEvent, error: BaseException, *, policy: Retry, now: datetime, result: RelayResult) -> None:
@@ -135,7 +182,9 @@ def _record_failure(event: OutboxEvent, error: BaseException, *, policy: Retry, 
             "outbox_publish_failed event=%s aggregate=%s:%s attempt=%s retry_at=%s error=%s",
             event.id, event.aggregate_type, event.aggregate_id, event.attempts, event.next_attempt_at, event.last_error,
         )
-    event.save(update_fields=["attempts", "last_error", "next_attempt_at", "dead_lettered_at"])
+    OutboxEvent.objects.filter(pk=event.pk, published_at__isnull=True).update(
+        attempts=event.attempts, last_error=event.last_error, next_attempt_at=event.next_attempt_at, dead_lettered_at=event.dead_lettered_at
+    )
 
 
 def outbox_replay(*, event_ids) -> int:

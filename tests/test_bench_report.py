@@ -96,6 +96,22 @@ def test_cpu_time_is_read_from_proc_and_a_gone_process_has_none():
     assert process_cpu_seconds(gone.pid) == 0.0
 
 
+def test_the_embedded_phase_is_judged_by_its_wall_time_ratio_and_reported_with_both_setups():
+    figures = {"wall_s": 20.0, "median_s": 12.0, "p95_s": 15.0}
+    results = {
+        "mode": "quick",
+        "wall_s": 1.0,
+        "embedded": {"orders": 60, "embedded": {**figures, "wall_s": 25.0}, "services": figures, "wall_ratio": 1.25, "median_ratio": 1.0},
+    }
+
+    results["verdicts"] = verdicts(results, TARGETS)
+    text = markdown(results, [], command="make bench", machine_line="a machine")
+
+    assert results["verdicts"] == {"embedded_vs_services_wall": {"value": 1.25, "target": 2.0, "sense": "at most", "met": True}}
+    assert "| embedded (SQLite + SQLAlchemy broker) | 25.0 | 12.0 | 15.0 |" in text
+    assert "| PostgreSQL + Redis | 20.0 | 12.0 | 15.0 |" in text and "**1.25x** wall time" in text
+
+
 class _SlowCreated(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 - the http.server API
         self.rfile.read(int(self.headers["Content-Length"]))

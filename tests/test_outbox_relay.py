@@ -1,9 +1,12 @@
 """The transactional outbox and its relay: each guarantee of the outbox issue as its own test."""
 
+import os
 import threading
+import time
 import uuid
 from datetime import timedelta
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 from django.conf import settings
@@ -11,8 +14,8 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from sagas.models import OutboxEvent
-from sagas.outbox import OutsideTransaction, kick_mark_clear, outbox_emit
-from sagas.publishers import RedisStreamPublisher, destination
+from sagas.outbox import KICK_EXPIRES, FileKickMark, OutsideTransaction, kick_mark_clear, outbox_emit
+from sagas.publishers import Outcomes, RedisStreamPublisher, destination
 from sagas.relay import outbox_cleanup, outbox_relay, outbox_replay
 
 services_only = pytest.mark.services(reason="needs PostgreSQL row locks (SKIP LOCKED) and Redis Streams")
@@ -81,7 +84,6 @@ def test_events_are_published_once_in_order_per_aggregate_and_marked():
     assert outbox_relay(publisher=recorder).published == 0, "nothing is published twice"
 
 
-@services_only
 @pytest.mark.django_db(transaction=True)
 def test_commits_while_a_kick_is_queued_send_no_more_kicks_until_a_relay_starts(monkeypatch):
     kicks = []
@@ -96,6 +98,19 @@ def test_commits_while_a_kick_is_queued_send_no_more_kicks_until_a_relay_starts(
 
     assert (kicks_before_a_relay_started, len(kicks)) == (1, 2)
     assert kicks == ["sagas.relay_outbox"] * 2
+
+
+def test_a_kick_mark_file_older_than_a_kick_lives_is_taken_over(tmp_path):
+    mark = FileKickMark(tmp_path / "db.sqlite3.relay-kick")
+
+    first, second = mark.take(), mark.take()
+    expired = time.time() - KICK_EXPIRES - 1
+    os.utime(mark.path, (expired, expired))  # its kick was lost and no relay cleared it
+    after_expiry = mark.take()
+    mark.clear()
+    after_a_relay_started = mark.take()
+
+    assert (first, second, after_expiry, after_a_relay_started) == (True, False, True, True)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -274,7 +289,6 @@ def test_the_redis_publisher_routes_by_aggregate_type_keyed_by_aggregate_id():
     assert b'"n": "ORDER_CREATED"' in fields[b"payload"]
 
 
-@services_only
 @pytest.mark.django_db(transaction=True)
 def test_a_relay_stuck_publishing_does_not_hold_the_other_relays_back():
     for n in range(20):
@@ -306,8 +320,73 @@ def test_a_relay_stuck_publishing_does_not_hold_the_other_relays_back():
     release.set()
     stuck.join(30)
 
-    assert finished_while_stuck, "the second relay waited for the first one's locked rows"
+    assert finished_while_stuck, "the second relay waited for the first one's claimed rows (or SQLite's write lock)"
     assert len(recorder.published) == 15
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_relay_holds_no_transaction_while_it_publishes():
+    claimed = emit("a", "E0")
+    seen = {}
+
+    class Checking(Recorder):
+        def publish(self, events):
+            seen["in_transaction"] = connection.in_atomic_block
+
+            def write():  # another process writing while the broker is slow: a step, a request
+                try:
+                    emit("b", "OTHER")
+                    OutboxEvent.objects.filter(pk=claimed.pk).update(last_error="")  # the claimed row itself
+                    seen["wrote"] = True
+                finally:
+                    connection.close()
+
+            writer = threading.Thread(target=write)
+            writer.start()
+            writer.join(5)
+            return super().publish(events)
+
+    outbox_relay(publisher=Checking(), time_budget=0)
+
+    assert seen == {"in_transaction": False, "wrote": True}, "the relay held SQLite's write lock or the rows' locks while publishing"
+    assert OutboxEvent.objects.get(pk=claimed.pk).published_at is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_relay_killed_after_claiming_holds_its_events_back_only_until_the_lease_ends():
+    from sagas import relay
+
+    emit("a", "E0")
+    emit("a", "E1")
+    relay._claim(batch_size=10, now=timezone.now())  # ...and the relay process died here
+    recorder = Recorder()
+
+    while_leased = outbox_relay(publisher=recorder).published
+    outbox_relay(publisher=recorder)  # nothing: the claimed head holds its aggregate back too
+    published_meanwhile = list(recorder.published)
+    later = timezone.now() + relay.CLAIM_LEASE + timedelta(seconds=1)
+    with mock.patch("sagas.relay.timezone.now", return_value=later):
+        after_the_lease = outbox_relay(publisher=recorder).published
+
+    assert (while_leased, published_meanwhile) == (0, [])
+    assert after_the_lease == 2 and [t for _, t, _ in recorder.published] == ["E0", "E1"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_what_a_publisher_records_commits_with_the_marks_of_its_batch():
+    emit("a", "E0")
+    recorded = []
+
+    class Recording(Recorder):
+        def publish(self, events):
+            def record():
+                recorded.append((connection.in_atomic_block, OutboxEvent.objects.filter(published_at=None).count()))
+
+            return Outcomes(super().publish(events), record=record)
+
+    outbox_relay(publisher=Recording())
+
+    assert recorded == [(True, 0)], "recorded inside the transaction that marked the batch published"
 
 
 @pytest.mark.django_db(transaction=True)
