@@ -63,6 +63,11 @@ def _version_key(path: str) -> int:
     return int(part) if part.isdigit() else 0
 
 
+def _runuser() -> str:
+    """runuser lives in the sbin folders, which a minimal PATH (a CI runner's `env -i`) leaves out."""
+    return shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin") or "runuser"
+
+
 class PrivatePostgres:
     """A PostgreSQL cluster in `root`/pg on a free port. initdb refuses to run as root, so as root
     the cluster belongs to the `postgres` system user and its commands run through runuser."""
@@ -82,7 +87,7 @@ class PrivatePostgres:
 
     def _cmd(self, name: str, *args: str) -> list[str]:
         command = [str(self.bindir / name), *args]
-        return ["runuser", "-u", "postgres", "--", *command] if self.as_postgres else command
+        return [_runuser(), "-u", "postgres", "--", *command] if self.as_postgres else command
 
     def start(self) -> PrivatePostgres:
         if self.as_postgres:
