@@ -37,9 +37,8 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from perf.common import REPO, machine_description, machine_markdown, write_report
+from perf.common import REPO, machine_description, machine_markdown, recreate_database, write_report
 
 DEFAULTS = {
     "BENCH_DATABASE_URL": "postgres://postgres@127.0.0.1:5432/chainsaga_bench",
@@ -111,17 +110,6 @@ def configure_environment() -> dict[str, str]:
         PYTHONUNBUFFERED="1",
     )
     return urls
-
-
-def recreate_database(url: str) -> None:
-    import psycopg
-
-    parts = urlsplit(url)
-    name = parts.path.lstrip("/")
-    admin = parts._replace(path="/postgres").geturl().replace("postgres://", "postgresql://", 1)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
 
 
 def main(argv: list[str] | None = None) -> int:

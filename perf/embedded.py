@@ -21,9 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from perf.common import REPO
+from perf.common import REPO, recreate_database
 
 MIX = "ok=70,declined=10,insufficient_funds=5,flaky=10,timeout=5"  # the README's
 SEED = 1  # the same orders on both setups
@@ -45,7 +44,7 @@ def compare(count: int, *, services: dict[str, str] | None = None, queue: str = 
     services = services or _services_of_this_benchmark()
     with tempfile.TemporaryDirectory(prefix="chainsaga-embedded-") as var_dir:
         embedded = run_setup(count, _environment(var_dir=Path(var_dir) / "embedded", queue=queue))
-    _recreate_database(services["DATABASE_URL"])
+    recreate_database(services["DATABASE_URL"])
     with tempfile.TemporaryDirectory(prefix="chainsaga-services-") as var_dir:
         on_services = run_setup(count, _environment(var_dir=Path(var_dir) / "services", queue=queue, **services))
     return {
@@ -134,17 +133,6 @@ def _services_of_this_benchmark() -> dict[str, str]:
         "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
         "REDIS_URL": settings.REDIS_URL,
     }
-
-
-def _recreate_database(url: str) -> None:
-    import psycopg
-
-    parts = urlsplit(url)
-    name = parts.path.lstrip("/")
-    admin = parts._replace(path="/postgres").geturl().replace("postgres://", "postgresql://", 1)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import json
 import logging
 import traceback
@@ -186,7 +187,7 @@ class Delivery:
 
         call = action
         for interceptor in reversed(self.interceptors):
-            call = (lambda inner, i: lambda: i.call(self, inner))(call, interceptor)
+            call = functools.partial(interceptor.call, self, call)
         return call()
 
     def _admit(self, now: datetime, *, count: int):

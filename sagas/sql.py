@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from datetime import datetime
-from functools import cache
 from uuid import UUID
 
 from django.db import DEFAULT_DB_ALIAS, connections
@@ -33,7 +32,7 @@ def lock_saga_and_steps(saga_id: UUID | str, direction: str) -> tuple[SagaInstan
     statement: the saga row, then the steps in primary key order, as sagas.locks takes them.
     None when the saga has no step of that direction or does not exist (the caller tells which)."""
     conn = connections[DEFAULT_DB_ALIAS]
-    shapes = _shapes(conn.vendor)
+    shapes = _shapes(conn)
     with conn.cursor() as cursor:
         cursor.execute(shapes.lock, [direction, _saga_pk(saga_id, conn)])
         rows = cursor.fetchall()
@@ -60,7 +59,7 @@ def count_delivery(saga_id: UUID | str, step_name: str, direction: str, *, now: 
     started = StepExecution._meta.get_field("started_at").get_db_prep_save(now, conn)
     params = [StepState.RUNNING, started, _saga_pk(saga_id, conn), step_name, direction, *_NO_OUTCOME, *_RUNS_FORWARD, StepState.COMPLETED]
     with conn.cursor() as cursor:
-        cursor.execute(_shapes(conn.vendor).count_delivery, params)
+        cursor.execute(_shapes(conn).count_delivery, params)
         return cursor.rowcount == 1
 
 
@@ -68,7 +67,7 @@ def save_step_and_saga(execution: StepExecution, step_fields: Sequence[str], sag
     """Write the named fields of a step row and of its saga row: one statement on PostgreSQL.
     Both rows must be locked by this transaction already."""
     conn = connections[DEFAULT_DB_ALIAS]
-    step_sql, saga_sql = _update_sql(StepExecution, tuple(step_fields), conn.vendor), _update_sql(SagaInstance, tuple(saga_fields), conn.vendor)
+    step_sql, saga_sql = _update_sql(StepExecution, tuple(step_fields), conn), _update_sql(SagaInstance, tuple(saga_fields), conn)
     step_params, saga_params = _update_params(execution, step_fields, conn), _update_params(saga, saga_fields, conn)
     with conn.cursor() as cursor:
         if conn.vendor == "postgresql":
@@ -86,7 +85,7 @@ def outbox_insert(event: OutboxEvent, *, lock_key: str) -> OutboxEvent:
     if conn.vendor != "postgresql":
         event.save(force_insert=True)
         return event
-    shapes = _shapes(conn.vendor)
+    shapes = _shapes(conn)
     values = [f.get_db_prep_save(f.pre_save(event, True), conn) for f in shapes.outbox_fields]
     with conn.cursor() as cursor:
         cursor.execute(shapes.outbox_insert, [*values, lock_key])
@@ -102,7 +101,7 @@ def inbox_claim(*, consumer: str, event_id: str, event_type: str, received_at: d
     meta = InboxMessage._meta
     received = meta.get_field("received_at").get_db_prep_save(received_at, conn)
     with conn.cursor() as cursor:
-        cursor.execute(_shapes(conn.vendor).inbox_claim, [consumer, meta.get_field("event_id").get_db_prep_save(event_id, conn), event_type, received])
+        cursor.execute(_shapes(conn).inbox_claim, [consumer, meta.get_field("event_id").get_db_prep_save(event_id, conn), event_type, received])
         return cursor.rowcount == 1
 
 
@@ -111,7 +110,7 @@ def consumer_delivery_count(*, consumer: str, event_id: str, deaths: int) -> int
     tells of, unless the count shows one already) and return the count. Commits with the caller's
     transaction, or at once outside one."""
     conn = connections[DEFAULT_DB_ALIAS]
-    shapes = _shapes(conn.vendor)
+    shapes = _shapes(conn)
     key = [consumer, ConsumerDelivery._meta.get_field("event_id").get_db_prep_save(event_id, conn)]
     with conn.cursor() as cursor:
         cursor.execute(shapes.consumer_delivery_count, [*key, 1 + deaths, deaths])
@@ -148,9 +147,8 @@ def _never() -> bool:
 class _Shapes:
     """The statements of one backend, built once."""
 
-    def __init__(self, vendor: str) -> None:
-        conn = next(c for c in connections.all(initialized_only=False) if c.vendor == vendor)
-        q = conn.ops.quote_name
+    def __init__(self, conn) -> None:
+        vendor, q = conn.vendor, conn.ops.quote_name
         saga, step, outbox = SagaInstance._meta, StepExecution._meta, OutboxEvent._meta
         self.saga_fields: list[Field] = list(saga.concrete_fields)
         self.step_fields: list[Field] = list(step.concrete_fields)
@@ -190,17 +188,24 @@ class _Shapes:
         )
 
 
-@cache
-def _shapes(vendor: str) -> _Shapes:
-    return _Shapes(vendor)
+_by_vendor: dict = {}
 
 
-@cache
-def _update_sql(model: type[Model], names: tuple[str, ...], vendor: str) -> str:
-    conn = next(c for c in connections.all(initialized_only=False) if c.vendor == vendor)
-    q, meta = conn.ops.quote_name, model._meta
-    assignments = ", ".join(f"{q(meta.get_field(name).column)} = %s" for name in names)
-    return f"UPDATE {q(meta.db_table)} SET {assignments} WHERE {q(meta.pk.column)} = %s"
+def _shapes(conn) -> _Shapes:
+    """The statements of `conn`'s backend, built on first use."""
+    key = ("shapes", conn.vendor)
+    if key not in _by_vendor:
+        _by_vendor[key] = _Shapes(conn)
+    return _by_vendor[key]
+
+
+def _update_sql(model: type[Model], names: tuple[str, ...], conn) -> str:
+    key = ("update", model, names, conn.vendor)
+    if key not in _by_vendor:
+        q, meta = conn.ops.quote_name, model._meta
+        assignments = ", ".join(f"{q(meta.get_field(name).column)} = %s" for name in names)
+        _by_vendor[key] = f"UPDATE {q(meta.db_table)} SET {assignments} WHERE {q(meta.pk.column)} = %s"
+    return _by_vendor[key]
 
 
 def _update_params(instance: Model, names: Sequence[str], conn) -> list:
