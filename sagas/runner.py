@@ -84,6 +84,7 @@ def step_run(
     republish: Callable[[], None],
     counting: Counting = Counting.IN_STEP,
     clock: Clock = timezone.now,
+    expected_timeout: float | None = None,
 ) -> StepResult:
     """Run one delivery of a step or compensation (`counting`: by default, that of a first
     delivery on a transport that flags redeliveries). Never raises the action's exception: the outcome says what the task must do.
@@ -96,6 +97,7 @@ def step_run(
         republish=republish,
         clock=clock,
         interceptors=interceptors.configured(),
+        expected_timeout=expected_timeout,
     )
     return delivery.run()
 
@@ -109,6 +111,7 @@ class Delivery:
     republish: Callable[[], None]
     clock: Clock = timezone.now
     interceptors: tuple[interceptors.Interceptor, ...] = ()
+    expected_timeout: float | None = None  # the step's timeout, if the message tells it
     counted: bool = field(default=False, init=False)  # this delivery's count is committed
 
     def run(self) -> StepResult:
@@ -155,11 +158,12 @@ class Delivery:
         the whole transaction rolls back."""
         now = self.clock()
         with transaction.atomic():
-            admitted = self._admit(now, count=0 if self.counted else 1)
+            admitted = self._admit(now, count=0 if self.counted else 1, limit_timeout=self.expected_timeout)
             if isinstance(admitted, StepResult):
                 return admitted
             saga, definition, step, execution = admitted
-            limit_step_transaction(step)
+            if step.timeout != self.expected_timeout:  # the message did not tell it, or told another
+                limit_step_transaction(step)
             _saga_running(saga, self.direction)
             transition(saga, "delivered", StepState.RUNNING, step=step.name, direction=self.direction, detail=f"delivery {execution.deliveries}")
             context = _context(saga, execution, now=now)
@@ -190,12 +194,13 @@ class Delivery:
             call = functools.partial(interceptor.call, self, call)
         return call()
 
-    def _admit(self, now: datetime, *, count: int):
+    def _admit(self, now: datetime, *, count: int, limit_timeout: float | None = None):
         """Under the saga and step locks: (saga, definition, step, execution) for a delivery that
         may run the step, or the StepResult that says why it may not. `count`: deliveries to add
         to the step's count now (this one, and a death the broker told of); they are saved by
-        whoever saves the step row in this transaction."""
-        locked = sql.lock_saga_and_steps(self.saga_id, self.direction)
+        whoever saves the step row in this transaction. `limit_timeout`: set the wait limits of a
+        step with that timeout in the same statement (sql.lock_saga_and_steps)."""
+        locked = sql.lock_saga_and_steps(self.saga_id, self.direction, limit_timeout=limit_timeout)
         saga, executions = locked if locked is not None else (lock_saga(self.saga_id), [])
         if not _runs(saga, self.direction):
             log.info("saga_stale_message saga=%s step=%s direction=%s state=%s", saga.id, self.step_name, self.direction, saga.state)

@@ -22,19 +22,29 @@ from django.db.transaction import TransactionManagementError
 from django.db.models import Field, Model
 
 from sagas.models import ConsumerDelivery, InboxMessage, OutboxEvent, SagaInstance, SagaState, StepExecution, StepState
+from sagas.waits import SET_LIMITS, step_limits
 
 _RUNS_FORWARD = (SagaState.PENDING, SagaState.RUNNING)
 _NO_OUTCOME = (StepState.PENDING, StepState.RUNNING, StepState.RETRYING)
 
 
-def lock_saga_and_steps(saga_id: UUID | str, direction: str) -> tuple[SagaInstance, list[StepExecution]] | None:
+def lock_saga_and_steps(
+    saga_id: UUID | str, direction: str, *, limit_timeout: float | None = None
+) -> tuple[SagaInstance, list[StepExecution]] | None:
     """The saga row and its step rows of `direction` (in position order), all locked in one
     statement: the saga row, then the steps in primary key order, as sagas.locks takes them.
-    None when the saga has no step of that direction or does not exist (the caller tells which)."""
+    None when the saga has no step of that direction or does not exist (the caller tells which).
+
+    `limit_timeout` (PostgreSQL): the same statement first sets the transaction's wait limits for
+    a step of that timeout (sagas.waits), before it waits for any of the locks: the rows reach
+    the locking node only through the join with the limits. They are set when rows come back."""
     conn = connections[DEFAULT_DB_ALIAS]
     shapes = _shapes(conn)
+    statement, params = shapes.lock, [direction, _saga_pk(saga_id, conn)]
+    if limit_timeout is not None and conn.vendor == "postgresql":
+        statement, params = shapes.lock_limited, [*step_limits(limit_timeout), *params]
     with conn.cursor() as cursor:
-        cursor.execute(shapes.lock, [direction, _saga_pk(saga_id, conn)])
+        cursor.execute(statement, params)
         rows = cursor.fetchall()
     if not rows:
         return None
@@ -159,6 +169,10 @@ class _Shapes:
         )
         if conn.features.has_select_for_update_of:
             self.lock += " FOR UPDATE OF s, e"
+        # A materialized CTE is computed once, before the join hands a row up to FOR UPDATE.
+        self.lock_limited = f"WITH limits AS MATERIALIZED (SELECT {SET_LIMITS}) " + self.lock.replace(
+            f"FROM {q(saga.db_table)} s", f"FROM limits, {q(saga.db_table)} s", 1
+        )
         t = q(step.db_table)
         self.count_delivery = (
             f"UPDATE {t} SET deliveries = deliveries + 1, state = %s, started_at = COALESCE(started_at, %s) "

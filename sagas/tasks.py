@@ -70,6 +70,12 @@ def _counting(task: Task, *, resent: bool) -> Counting:
     )
 
 
+def _soft_time_limit(task: Task) -> float | None:
+    """The message's soft time limit: the step's timeout, as sagas.dispatch sends it."""
+    limits = task.request.timelimit or (None, None)
+    return limits[1] if isinstance(limits[1], (int, float)) else None
+
+
 # The database being unreachable is an infrastructure fault, not the step's: retry the message
 # with backoff (kept below the broker's visibility timeout) instead of failing the saga.
 INFRASTRUCTURE_RETRY = {
@@ -106,7 +112,10 @@ def run_step(self, *, saga_id: str, step: str, direction: str) -> None:
 
     counting = _counting(self, resent=bool(getattr(self.request, dispatch.REDRIVE_HEADER, False)))
     try:
-        result = runner.step_run(saga_id=saga_id, step_name=step, direction=direction, republish=republish, counting=counting)
+        result = runner.step_run(
+            saga_id=saga_id, step_name=step, direction=direction, republish=republish, counting=counting,
+            expected_timeout=_soft_time_limit(self),
+        )
     except SagaNotFound:
         log.warning("saga_missing saga=%s step=%s: dropping the message", saga_id, step)
         raise Ignore() from None

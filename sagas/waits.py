@@ -33,18 +33,27 @@ def is_infrastructure_error(exc: BaseException) -> bool:
     return getattr(exc.__cause__, "sqlstate", None) != QUERY_CANCELED
 
 
+# The three limits of a step transaction, as one SELECT list (sagas.sql prefixes the step's
+# locking read with it, so a first delivery sets them without a round trip of its own).
+SET_LIMITS = (
+    "set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true), "
+    "set_config('idle_in_transaction_session_timeout', %s, true)"
+)
+
+
+def step_limits(timeout: float) -> list[str]:
+    """The values of SET_LIMITS for a step whose timeout is `timeout` seconds."""
+    lock = min(timeout / 3, settings.SAGAS_STEP_LOCK_TIMEOUT_MAX)
+    return [_ms(lock), _ms(timeout), _ms(timeout + HARD_LIMIT_GRACE)]
+
+
 def limit_step_transaction(step: Step) -> None:
     """Bound the waits of the current transaction by the step's timeout (PostgreSQL; one round
     trip). Must run inside the step's transaction: the limits end with it."""
     if connection.vendor != "postgresql":
         return
-    lock = min(step.timeout / 3, settings.SAGAS_STEP_LOCK_TIMEOUT_MAX)
     with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true), "
-            "set_config('idle_in_transaction_session_timeout', %s, true)",
-            [_ms(lock), _ms(step.timeout), _ms(step.timeout + HARD_LIMIT_GRACE)],
-        )
+        cursor.execute(f"SELECT {SET_LIMITS}", step_limits(step.timeout))
 
 
 def _ms(seconds: float) -> str:

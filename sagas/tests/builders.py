@@ -39,10 +39,12 @@ with_deadline = Saga(
 )
 
 
-def run(saga, step: str, direction: str = FORWARD, *, counting=runner.Counting.IN_STEP) -> runner.StepResult:
+def run(saga, step: str, direction: str = FORWARD, *, counting=runner.Counting.IN_STEP, expected_timeout=None) -> runner.StepResult:
     """One delivery of a step, as the run_step task makes it (by default a first delivery over a
-    transport that flags redeliveries)."""
-    return runner.step_run(saga_id=saga.id, step_name=step, direction=direction, republish=lambda: None, counting=counting)
+    transport that flags redeliveries; `expected_timeout`: the message's soft time limit)."""
+    return runner.step_run(
+        saga_id=saga.id, step_name=step, direction=direction, republish=lambda: None, counting=counting, expected_timeout=expected_timeout
+    )
 
 
 def reload(saga) -> SagaInstance:

@@ -218,6 +218,36 @@ def test_a_first_delivery_is_one_transaction_without_savepoints(sent, settings):
     assert reload(saga).state == SagaState.COMPLETED
 
 
+def _limits_sent(captured) -> list[str]:
+    """The statements that set a step transaction's wait limits, first words and values."""
+    return [q["sql"] for q in captured.captured_queries if "set_config('lock_timeout'" in q["sql"]]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "told, expected",
+    [(30.0, ["lock"]), (None, ["own"]), (99.0, ["lock", "own"])],
+    ids=["message tells the step's timeout", "message tells none", "message tells another timeout"],
+)
+def test_the_wait_limits_ride_on_the_locking_read_when_the_message_tells_the_step_timeout(sent, settings, told, expected):
+    """`lock`: set in the locking read, from the message's timeout; `own`: a statement of their own
+    before the action, with the step's timeout (30 s: lock 10 s, statement 30 s)."""
+    if connection.vendor != "postgresql":
+        pytest.skip("wait limits are PostgreSQL settings")
+    settings.SAGAS_FAULT_INJECTION = False
+    saga = services.saga_start(definition=one_step, input={})
+
+    with CaptureQueriesContext(connection) as captured:
+        result = run(saga, "emit", expected_timeout=told)
+
+    assert result.outcome is runner.Outcome.DONE
+    limits = _limits_sent(captured)
+    kinds = ["lock" if q.startswith("WITH limits AS MATERIALIZED") and "FOR UPDATE" in q else "own" for q in limits]
+    assert kinds == expected, limits
+    if "own" in kinds:
+        assert "'10000ms'" in limits[-1] and "'30000ms'" in limits[-1], limits[-1]
+
+
 @pytest.mark.django_db(transaction=True)
 def test_an_action_that_catches_a_database_error_and_goes_on_is_told_to_ask_for_savepoints(sent):
     saga = services.saga_start(definition=catching, input={})

@@ -1,9 +1,11 @@
 """sagas.sql: the hand-written statements read and write what the ORM would, on both backends."""
 
+import threading
+import time
 from datetime import timedelta
 
 import pytest
-from django.db import transaction
+from django.db import OperationalError, connection, connections, transaction
 from django.utils import timezone
 
 from sagas import services, sql
@@ -85,3 +87,39 @@ def test_outbox_insert_writes_the_row_the_orm_would_with_increasing_sequence_num
     for event in (first, second):
         assert as_dict(OutboxEvent.objects.get(pk=event.pk)) == as_dict(event)
         assert not event._state.adding
+
+
+@pytest.mark.django_db(transaction=True)
+def test_lock_saga_and_steps_sets_the_wait_limits_before_it_waits_for_a_lock(sent):
+    """The limits ride on the locking read: its own wait for a saga row that another transaction
+    holds already ends at the step's lock timeout (a third of the step timeout), not never."""
+    if connection.vendor != "postgresql":
+        pytest.skip("wait limits are PostgreSQL settings")
+    saga = services.saga_start(definition=three_steps, input={})
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_saga_row():
+        try:
+            with transaction.atomic():
+                SagaInstance.objects.select_for_update().get(pk=saga.pk)
+                holding.set()
+                release.wait(30)
+        finally:
+            connections.close_all()
+
+    holder = threading.Thread(target=hold_the_saga_row)
+    holder.start()
+    try:
+        assert holding.wait(10)
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="lock timeout"), transaction.atomic():
+            sql.lock_saga_and_steps(saga.id, FORWARD, limit_timeout=0.6)
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
+        holder.join()
+
+    with transaction.atomic(), connection.cursor() as cursor:
+        sql.lock_saga_and_steps(saga.id, FORWARD, limit_timeout=0.6)
+        cursor.execute("SELECT current_setting('lock_timeout'), current_setting('statement_timeout'), current_setting('idle_in_transaction_session_timeout')")
+        assert cursor.fetchone() == ("200ms", "600ms", "5600ms")
