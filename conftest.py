@@ -1,11 +1,22 @@
 """Shared by both test folders (tests/ and sagas/tests/): the `services` marker, the header."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 from django.conf import settings
 
 pytest_plugins = ["sagas.testing.fixtures"]
 
 EMBEDDED = settings.CHAINSAGA_TEST_BACKEND == "embedded"
+
+
+def pytest_sessionstart(session):
+    """Remove the metrics folders of earlier runs whose process is gone (config.settings.test)."""
+    ours = Path(settings.PROMETHEUS_MULTIPROC_DIR)
+    for folder in ours.parent.iterdir():
+        if folder != ours and folder.name.isdigit() and not Path(f"/proc/{folder.name}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_report_header(config):

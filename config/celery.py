@@ -2,8 +2,10 @@
 
 import os
 
+import logging.config
+
 from celery import Celery
-from celery.signals import task_prerun
+from celery.signals import setup_logging, task_prerun
 
 import config.broker  # noqa: F401 - registers the embedded broker's URL prefix
 
@@ -12,6 +14,17 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 app = Celery("chainsaga")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@setup_logging.connect
+def _logging_from_settings(loglevel=None, **kwargs) -> None:
+    """Worker and beat log as the web does (settings.LOGGING: LOG_FORMAT, the step context, quiet
+    housekeeping) instead of Celery's own setup; `--loglevel` still sets the level."""
+    from django.conf import settings
+
+    logging.config.dictConfig(settings.LOGGING)
+    if loglevel:
+        logging.getLogger().setLevel(loglevel)
 
 
 @task_prerun.connect

@@ -16,6 +16,7 @@ from sagas.api import (
     SagaListApi,
     SagaRetryApi,
 )
+from sagas.metrics import metrics_view
 
 api = [
     path("auth/token/", TokenApi.as_view(), name="api-token"),
@@ -39,6 +40,7 @@ api = [
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", include(api)),
+    path("metrics", metrics_view, name="metrics"),
     path("", RedirectView.as_view(url="/api/docs/", permanent=False)),
 ]
 

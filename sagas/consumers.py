@@ -25,7 +25,7 @@ from django.db.models import Exists, F, OuterRef, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from sagas import sql
+from sagas import metrics, sql
 from sagas.counting import Counting
 from sagas.models import ConsumerDelivery, InboxMessage, OutboxEvent, ParkedDelivery
 
@@ -181,6 +181,7 @@ def consume(
             with contextlib.nullcontext() if subscription.savepoints else sql.savepoints_off(f"consumer {consumer} (subscribe(..., savepoints=True))"):
                 subscription.handler(event)
     except Exception:
+        metrics.consumer_failed(consumer)
         if counted:
             _uncount_delivery(consumer, event.id)  # it finished, with an error: retries have their own budget
         raise
@@ -205,6 +206,7 @@ def consumer_give_up(*, consumer: str, message: Mapping[str, str], reason: str, 
         )
         if subscription.on_give_up is not None:
             subscription.on_give_up(event, reason)
+    metrics.consumer_gave_up(consumer)
     log.error(
         "consume_given_up consumer=%s event=%s type=%s aggregate=%s:%s settled=%s: %s",
         consumer, event.id, event.type, event.aggregate_type, event.aggregate_id, subscription.on_give_up is not None, reason,

@@ -3,7 +3,8 @@
 three points; an interceptor overrides the ones it needs. With none configured (production
 without fault injection) the runner calls nothing.
 
-Fault injection (sagas.faults) is the one built in; tracing or metrics would plug in the same way.
+Two are built in: metrics (sagas.metrics, on unless SAGAS_METRICS is off) and fault injection
+(sagas.faults); tracing would plug in the same way.
 """
 
 from __future__ import annotations
@@ -31,8 +32,13 @@ class Interceptor:
 
 def configured() -> tuple[Interceptor, ...]:
     """The interceptors of this process, read per delivery (a test may switch fault injection)."""
+    chosen: list[Interceptor] = []
+    if settings.SAGAS_METRICS:
+        from sagas.metrics import Metrics
+
+        chosen.append(Metrics())
     if settings.SAGAS_FAULT_INJECTION:
         from sagas.faults import FaultInjection
 
-        return (FaultInjection(),)
-    return ()
+        chosen.append(FaultInjection())
+    return tuple(chosen)

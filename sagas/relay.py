@@ -28,6 +28,7 @@ from django.db import DatabaseError, connection, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
+from sagas import metrics
 from sagas.definition import Retry
 from sagas.models import OutboxEvent
 from sagas.publishers import PublishDeferred, record_of
@@ -126,6 +127,8 @@ def _relay_round(*, publisher, batch_size: int, policy: Retry, now: datetime) ->
         published = [event.pk for event, error in zip(events, outcomes, strict=True) if error is None]
         waiting.filter(pk__in=published).update(published_at=published_at, next_attempt_at=None)
         result.published = len(published)
+        sent = [event for event, error in zip(events, outcomes, strict=True) if error is None]
+        metrics.after_commit(lambda: metrics.outbox_published(sent, now=published_at))
         record_of(outcomes)()  # what the publisher commits with the marks (stream positions)
         deferred = [event.pk for event, error in zip(events, outcomes, strict=True) if isinstance(error, PublishDeferred)]
         if deferred:

@@ -37,12 +37,12 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
-from sagas import interceptors, sql
+from sagas import interceptors, metrics, sql
 from sagas.counting import Counting
 from sagas.definition import FORWARD, HARD_LIMIT_GRACE, Saga, Step, StepContext, get_definition
 from sagas.exceptions import BusinessError, StepFailedEarlier, WorkerLostTooOften
 from sagas.locks import lock_saga, lock_step
-from sagas.log import transition
+from sagas.log import step_context_add, transition
 from sagas.models import SagaInstance, SagaState, StepExecution, StepState
 from sagas.services import (
     FINISH_FIELDS,
@@ -112,6 +112,7 @@ class Delivery:
     clock: Clock = timezone.now
     interceptors: tuple[interceptors.Interceptor, ...] = ()
     expected_timeout: float | None = None  # the step's timeout, if the message tells it
+    saga_name: str | None = field(default=None, init=False)  # known once the saga row is read
     counted: bool = field(default=False, init=False)  # this delivery's count is committed
 
     def run(self) -> StepResult:
@@ -202,6 +203,8 @@ class Delivery:
         step with that timeout in the same statement (sql.lock_saga_and_steps)."""
         locked = sql.lock_saga_and_steps(self.saga_id, self.direction, limit_timeout=limit_timeout)
         saga, executions = locked if locked is not None else (lock_saga(self.saga_id), [])
+        self.saga_name = saga.name
+        step_context_add(saga_name=saga.name, saga_version=saga.version)
         if not _runs(saga, self.direction):
             log.info("saga_stale_message saga=%s step=%s direction=%s state=%s", saga.id, self.step_name, self.direction, saga.state)
             return StepResult(Outcome.STALE)
@@ -229,6 +232,7 @@ class Delivery:
         if count:
             execution.deliveries += count
             execution.started_at = execution.started_at or now
+        step_context_add(delivery=execution.deliveries)
         early = _budget_or_deadline(saga, definition, execution, self.direction, now=now)
         if early is not None:
             return early
@@ -390,6 +394,7 @@ def _budget_or_deadline(saga: SagaInstance, definition: Saga, execution: StepExe
         execution.save()
         return StepResult(Outcome.FAILED, error=failure)
     if unfinished:
+        metrics.lost_delivery(saga.name, step.name, direction)
         log.warning(
             "saga_step_lost_delivery saga=%s step=%s direction=%s unfinished=%s", saga.id, step.name, direction, unfinished
         )

@@ -18,12 +18,12 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from sagas import dispatch
+from sagas import dispatch, metrics
 from sagas.definition import COMPENSATE, FORWARD, Saga, get_definition
 from sagas.exceptions import SagaError, SagaStateConflict, UnknownSagaDefinition
 from sagas.locks import lock_saga, lock_steps
 from sagas.log import transition
-from sagas.models import SagaInstance, SagaState, StepExecution, StepState
+from sagas.models import TERMINAL_STATES, SagaInstance, SagaState, StepExecution, StepState
 
 log = logging.getLogger("sagas")
 
@@ -74,6 +74,7 @@ def saga_start(
             for position, step in enumerate(definition.steps)
         )
         transition(saga, "-", SagaState.PENDING, detail=f"idempotency_key={idempotency_key}")
+        metrics.saga_started(saga.name, saga.version)
         transaction.on_commit(lambda: dispatch.send_forward(saga.id, definition, from_position=0))
     return saga
 
@@ -304,6 +305,8 @@ def _set_state(saga: SagaInstance, state: str, *, now: datetime, detail: str = "
     old, saga.state, saga.updated_at = saga.state, state, now
     if old != state:
         transition(saga, old, state, detail=detail)
+        if state in TERMINAL_STATES:
+            metrics.saga_finished(saga.name, saga.version, state)
 
 
 def _stuck_after(now: datetime, seconds: float) -> datetime:

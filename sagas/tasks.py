@@ -6,6 +6,7 @@ import uuid
 from datetime import timedelta
 
 from celery import Task, shared_task
+from celery.signals import task_postrun, task_prerun
 from celery.exceptions import Ignore, Reject
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
@@ -15,6 +16,7 @@ from sagas import consumers, dispatch, outbox, relay, runner, services
 from sagas.counting import Counting
 from sagas.definition import COMPENSATE, FORWARD
 from sagas.exceptions import BusinessError, SagaNotFound
+from sagas.log import step_context_begin, step_context_end
 from sagas.models import HousekeepingRun
 from sagas.publishers import configured_publisher
 from sagas.rejects import message_reject_record
@@ -76,6 +78,22 @@ def _soft_time_limit(task: Task) -> float | None:
     return limits[1] if isinstance(limits[1], (int, float)) else None
 
 
+STEP_TASKS = ("sagas.run_step", "sagas.step_failed")
+
+
+@task_prerun.connect
+def _step_context_begin(task=None, kwargs=None, **_) -> None:
+    """Every line this process logs while a step task runs (Celery's own task lines too) carries
+    the step's saga id, step and direction; the runner adds name, version and delivery."""
+    if task is not None and task.name in STEP_TASKS and isinstance(kwargs, dict):
+        step_context_begin(saga_id=kwargs.get("saga_id"), step=kwargs.get("step"), direction=kwargs.get("direction"))
+
+
+@task_postrun.connect
+def _step_context_end(**_) -> None:
+    step_context_end()
+
+
 # The database being unreachable is an infrastructure fault, not the step's: retry the message
 # with backoff (kept below the broker's visibility timeout) instead of failing the saga.
 INFRASTRUCTURE_RETRY = {
@@ -100,6 +118,9 @@ INFRASTRUCTURE_RETRY = {
     reject_on_worker_lost=True,
     acks_on_failure_or_timeout=False,
     max_retries=None,
+    # A business refusal (payment declined, out of stock) fails the step so that its errback runs,
+    # but is no error of the system: Celery logs it at INFO, without a traceback.
+    throws=(BusinessError,),
     **INFRASTRUCTURE_RETRY,
 )
 def run_step(self, *, saga_id: str, step: str, direction: str) -> None:

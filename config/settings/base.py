@@ -1,6 +1,8 @@
 """Settings shared by every environment. Every knob comes from the environment."""
 
+import os
 from datetime import timedelta
+from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -183,15 +185,36 @@ WORKERS_STALLED_AFTER = env_float("WORKERS_STALLED_AFTER", 60.0)
 # A step waits at most a third of its timeout for a row lock, and never longer than this (s).
 SAGAS_STEP_LOCK_TIMEOUT_MAX = env_float("SAGAS_STEP_LOCK_TIMEOUT_MAX", 10.0)
 
+# --- Metrics ------------------------------------------------------------------------------------
+# Prometheus metrics at /metrics (sagas.metrics): readable by staff, or with this bearer token.
+SAGAS_METRICS = env_bool("SAGAS_METRICS", True)
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+# Where every process writes its counters (prometheus-client's multiprocess mode); web, workers
+# and beat of one host share it, and it is emptied when they all start afresh (make run does).
+# Set before anything imports prometheus_client.
+PROMETHEUS_MULTIPROC_DIR = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(VAR_DIR / "metrics"))
+Path(PROMETHEUS_MULTIPROC_DIR).mkdir(parents=True, exist_ok=True)
+
+# --- Logging ------------------------------------------------------------------------------------
+# LOG_FORMAT=json: one JSON object a line (structlog), with the saga id, name, version, step,
+# direction and delivery number on every line logged while a step runs (config.logs).
+LOG_FORMAT = env_str("LOG_FORMAT", "plain")
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be plain or json, not {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(processName)s %(message)s"},
+        "json": {"()": "config.logs.json_formatter"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["step_context", "quiet_housekeeping"]}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
-    "filters": {"quiet_outage": {"()": "config.outage.QuietOutageFilter"}},
+    "filters": {
+        "quiet_outage": {"()": "config.outage.QuietOutageFilter"},
+        "step_context": {"()": "sagas.log.StepContextFilter"},
+        "quiet_housekeeping": {"()": "config.logs.QuietHousekeepingFilter"},
+    },
     "loggers": {
         "django.db.backends": {"level": "WARNING"},
         "django.request": {"filters": ["quiet_outage"]},  # an outage is one line (config.outage), not a traceback per request

@@ -60,3 +60,9 @@ OUTBOX_PUBLISHER = os.environ.get("OUTBOX_PUBLISHER") or ("redis,consumers" if R
 CONSUMER_MAX_DELIVERIES = 3
 CONSUMER_MAX_RETRIES = int(os.environ.get("CONSUMER_MAX_RETRIES", "3"))
 CONSUMER_RETRY_MAX_DELAY = float(os.environ.get("CONSUMER_RETRY_MAX_DELAY", "1"))
+
+# Metrics of the test run's own processes: a folder per run (the workers it starts inherit the
+# run's id), so each run counts from zero; conftest.py removes the folders of finished runs.
+TEST_RUN = os.environ.setdefault("CHAINSAGA_TEST_RUN", str(os.getpid()))
+PROMETHEUS_MULTIPROC_DIR = os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(VAR_DIR / "test-metrics" / TEST_RUN)
+os.makedirs(PROMETHEUS_MULTIPROC_DIR, exist_ok=True)

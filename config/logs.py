@@ -1,0 +1,60 @@
+"""Logging: the JSON format (LOG_FORMAT=json) and the filters of config.settings.LOGGING.
+
+Celery's worker and beat log through the same configuration (config.celery connects
+setup_logging), so Celery's own task lines come out in the same format, and carry the running
+step's fields (sagas.log.StepContextFilter).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import structlog
+
+# Periodic housekeeping: each logs a line of its own when it did something. Celery's "received" and
+# "succeeded" lines for them (several a second when idle) go to DEBUG.
+HOUSEKEEPING_TASKS = frozenset({"sagas.sweep", "sagas.relay_outbox", "sagas.outbox_cleanup", "sagas.consumers_redeliver"})
+CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
+def json_formatter() -> logging.Formatter:
+    """One JSON object a line: time (UTC, ISO 8601), level, logger, message, the exception if any,
+    and every extra field of the record (the step's saga_id, saga_name, saga_version, step,
+    direction, delivery; a transition's state)."""
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.stdlib.ExtraAdder(),
+            _without_celery_data,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            structlog.processors.EventRenamer("message"),
+            structlog.processors.JSONRenderer(default=str),
+        ],
+    )
+
+
+def _without_celery_data(logger, method_name, event_dict):
+    """Celery hands its task lines the whole context as `data` (the arguments, and for an expected
+    failure the traceback it chose not to log): the message says what matters."""
+    event_dict.pop("data", None)
+    return event_dict
+
+
+class QuietHousekeepingFilter(logging.Filter):
+    """Celery's INFO lines about housekeeping tasks are DEBUG: an idle relay is silent at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name not in CELERY_TASK_LOGGERS or record.levelno != logging.INFO:
+            return True
+        data = record.args if isinstance(record.args, dict) else getattr(record, "data", None)
+        if isinstance(data, dict) and data.get("name") in HOUSEKEEPING_TASKS:
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+                return True
+            return False
+        return True
