@@ -10,14 +10,21 @@ badges and the timeline table): they depend on the engine, never the reverse.
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db.models import F, QuerySet
+from django.shortcuts import get_object_or_404, redirect
+from django.template.response import TemplateResponse
+from django.urls import path
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
+from sagas import attention
 from sagas.exceptions import SagaStateConflict
 from sagas.models import (
     ACTIVE_STATES,
@@ -37,8 +44,12 @@ from sagas.permissions import ABORT_SAGA, REPLAY_OUTBOX_EVENT, REPLAY_PARKED_DEL
 from sagas.relay import outbox_replay
 from sagas.selectors import outbox_stats, saga_timeline
 from sagas.services import saga_abort, saga_retry_compensation
+from sagas.timeline import duration_ms, lost_deliveries, saga_timeline_svg
 
 GREEN, RED, AMBER, GREY, BLUE = "#2e7d32", "#c62828", "#ef8f00", "#757575", "#1565c0"
+
+# The admin index shows the "needs attention" panel (sagas.attention) above the apps.
+admin.site.index_template = "admin/sagas_index.html"
 
 STATE_COLOURS = {
     StepState.PENDING: GREY,
@@ -62,11 +73,14 @@ def state_badge(state: str, colours: dict[str, str] = STATE_COLOURS) -> SafeStri
 
 
 def saga_timeline_table(saga: SagaInstance) -> SafeString:
-    """The saga's timeline as a read-only admin table, styled like a tabular inline (no JS)."""
+    """The saga's timeline as a picture (sagas.timeline) over a read-only table of every step and
+    compensation: times to the millisecond, duration, attempts and deliveries (lost ones in red),
+    the idempotency key its external calls carry, its result and its last error. No JS."""
+    executions = saga_timeline(saga)
     rows = format_html_join(
         "\n",
         '<tr class="timeline-row state-{}"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>'
-        "<td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+        "<td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td></tr>",
         (
             (
                 e.state.lower(),
@@ -74,25 +88,49 @@ def saga_timeline_table(saga: SagaInstance) -> SafeString:
                 e.name,
                 state_badge(e.state),
                 e.attempts,
-                e.deliveries,
+                _deliveries(e),
                 when(e.started_at),
                 when(e.finished_at),
+                _duration(duration_ms(e.started_at, e.finished_at)),
+                f"{saga.id}:{e.name}",
+                _json_brief(e.result),
                 e.last_error or "-",
-                e.position,
             )
-            for e in saga_timeline(saga)
+            for e in executions
         ),
     )
     return format_html(
         '<div class="inline-group" id="saga-timeline"><div class="tabular inline-related last-related">'
-        '<fieldset class="module"><h2>Saga timeline: {} {}</h2><table><thead><tr>'
+        '<fieldset class="module"><h2>Saga timeline: {} {}</h2><div style="overflow-x:auto">{}</div>'
+        '<div style="overflow-x:auto"><table><thead><tr>'
         "<th>Direction</th><th>Step</th><th>State</th><th>Attempts</th><th>Deliveries</th>"
-        "<th>Started</th><th>Finished</th><th>Error</th><th>Position</th>"
-        "</tr></thead><tbody>{}</tbody></table></fieldset></div></div>",
+        "<th>Started</th><th>Finished</th><th>Duration</th><th>Idempotency key</th><th>Result</th><th>Error</th>"
+        "</tr></thead><tbody>{}</tbody></table></div></fieldset></div></div>",
         saga.name,
         state_badge(saga.state),
+        saga_timeline_svg(saga, executions),
         rows,
     )
+
+
+def _deliveries(execution: StepExecution) -> SafeString:
+    lost = lost_deliveries(execution)
+    if not lost:
+        return format_html("{}", execution.deliveries)
+    return format_html('{} <span style="color:{}" title="deliveries that never finished">({} lost)</span>', execution.deliveries, RED, lost)
+
+
+def _duration(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms:.1f} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
+
+
+def _json_brief(value, limit: int = 200) -> SafeString | str:
+    if value is None:
+        return "-"
+    text = json.dumps(value, cls=DjangoJSONEncoder, sort_keys=True)
+    return format_html('<code title="{}">{}</code>', text, text if len(text) <= limit else text[:limit] + "\u2026")
 
 
 def when(moment) -> str:
@@ -123,19 +161,6 @@ class OperatedAdminMixin:
         return request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}")
 
 
-class StepExecutionInline(ReadOnlyAdminMixin, admin.TabularInline):
-    model = StepExecution
-    extra = 0
-    ordering = [F("started_at").asc(nulls_last=True), "direction", "position"]
-    fields = ["direction", "name", "coloured_state", "attempts", "deliveries", "started_at", "finished_at", "last_error"]
-    readonly_fields = fields
-    verbose_name_plural = "timeline (steps and compensations, in the order they started)"
-
-    @admin.display(description="state", ordering="state")
-    def coloured_state(self, execution: StepExecution) -> SafeString:
-        return state_badge(execution.state)
-
-
 class StuckForFilter(admin.SimpleListFilter):
     """Active sagas (PENDING, RUNNING, COMPENSATING) with no recorded progress for N minutes."""
 
@@ -157,19 +182,142 @@ class StuckForFilter(admin.SimpleListFilter):
         return int(value) if value in {str(m) for m in self.MINUTES} else None
 
 
+class AttentionFilter(admin.SimpleListFilter):
+    """What the admin index's "needs attention" panel links to (sagas.attention)."""
+
+    title = "needs attention"
+    parameter_name = "attention"
+
+    def lookups(self, request, model_admin):
+        return [(key, item.label) for key, item in attention.SAGA_ITEMS.items()]
+
+    def queryset(self, request, queryset: QuerySet[SagaInstance]) -> QuerySet[SagaInstance]:
+        item = attention.SAGA_ITEMS.get(self.value())
+        return item.sagas(queryset) if item else queryset
+
+
 @admin.register(SagaInstance)
 class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["id", "name", "version", "coloured_state", "created_at", "updated_at", "finished_at", "redrives"]
-    list_filter = ["state", "name", StuckForFilter]
+    list_display = ["id", "name", "version", "coloured_state", "created_at", "age", "last_error", "redrives"]
+    list_filter = ["state", AttentionFilter, "name", StuckForFilter]
     search_fields = ["id", "idempotency_key"]
     date_hierarchy = "created_at"
-    inlines = [StepExecutionInline]
-    readonly_fields = [f.name for f in SagaInstance._meta.fields]
+    change_form_template = "admin/sagas/sagainstance/change_form.html"
+    fieldsets = [
+        (None, {"fields": ["id", "name", "version", "coloured_state", "failure_reason", "idempotency_key"]}),
+        ("Times", {"fields": ["created", "updated", "finished", "duration", "deadline", "next_check", "redrives"]}),
+        ("Input", {"fields": ["input_json"]}),
+    ]
+    readonly_fields = [
+        "id", "name", "version", "coloured_state", "failure_reason", "idempotency_key", "created", "updated", "finished",
+        "duration", "deadline", "next_check", "redrives", "input_json",
+    ]
     actions = ["retry_compensation", "abort"]
 
     @admin.display(description="state", ordering="state")
     def coloured_state(self, saga: SagaInstance) -> SafeString:
         return state_badge(saga.state)
+
+    @admin.display(description="age", ordering="created_at")
+    def age(self, saga: SagaInstance) -> str:
+        """How long it has run (or ran, when finished)."""
+        return _duration(duration_ms(saga.created_at, saga.finished_at or timezone.now()))
+
+    @admin.display(description="last error")
+    def last_error(self, saga: SagaInstance) -> SafeString | str:
+        reason = saga.failure_reason
+        if not reason:
+            return "-"
+        return format_html('<span title="{}">{}</span>', reason, reason if len(reason) <= 80 else reason[:80] + "\u2026")
+
+    @admin.display(description="created")
+    def created(self, saga: SagaInstance) -> str:
+        return when(saga.created_at)
+
+    @admin.display(description="last change")
+    def updated(self, saga: SagaInstance) -> str:
+        return when(saga.updated_at)
+
+    @admin.display(description="finished")
+    def finished(self, saga: SagaInstance) -> str:
+        return when(saga.finished_at)
+
+    @admin.display(description="duration")
+    def duration(self, saga: SagaInstance) -> str:
+        took = _duration(duration_ms(saga.created_at, saga.finished_at))
+        return took if saga.finished_at else f"running for {self.age(saga)}"
+
+    @admin.display(description="deadline")
+    def deadline(self, saga: SagaInstance) -> str:
+        return when(saga.deadline_at)
+
+    @admin.display(description="sweeper looks again after")
+    def next_check(self, saga: SagaInstance) -> str:
+        return when(saga.stuck_after)
+
+    @admin.display(description="input")
+    def input_json(self, saga: SagaInstance) -> SafeString:
+        return format_html("<pre style=\"margin:0;white-space:pre-wrap\">{}</pre>", json.dumps(saga.input, cls=DjangoJSONEncoder, indent=2, sort_keys=True))
+
+    def get_urls(self):
+        page = self.admin_site.admin_view
+        return [
+            path("<uuid:saga_id>/operate/<str:operation>/", page(self.operate_view), name="sagas_sagainstance_operate"),
+            *super().get_urls(),
+        ]
+
+    def operations(self, request, saga: SagaInstance) -> list[tuple[str, str]]:
+        """(operation, button label) that this user may run on this saga in its state."""
+        offered = []
+        if saga.state == SagaState.FAILED and self.has_retry_permission(request):
+            offered.append(("retry", "Retry compensation"))
+        if saga.state in (SagaState.PENDING, SagaState.RUNNING) and self.has_abort_permission(request):
+            offered.append(("abort", "Abort (compensate what completed)"))
+        return offered
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None:
+            context["saga_operations"] = self.operations(request, obj)
+            context["saga_timeline"] = saga_timeline_table(obj)  # below the fields, full width
+        return super().render_change_form(request, context, add=add, change=change, form_url=form_url, obj=obj)
+
+    def operate_view(self, request, saga_id, operation: str):
+        """GET: a confirmation page; POST: run the operation through the engine's service, then
+        back to the saga's page with what happened. 403 without the operation's permission, 404
+        for an unknown saga or an operation its state does not offer."""
+        saga = get_object_or_404(SagaInstance, pk=saga_id)
+        if not self.has_view_permission(request, saga):
+            raise PermissionDenied
+        offered = dict(self.operations(request, saga))
+        if operation not in offered:
+            allowed = {"retry": self.has_retry_permission, "abort": self.has_abort_permission}.get(operation)
+            if allowed is not None and not allowed(request):
+                raise PermissionDenied
+            self.message_user(request, f"saga {saga.id} is {saga.state}: {operation} is not possible now", messages.WARNING)
+            return redirect("admin:sagas_sagainstance_change", saga.id)
+        if request.method == "POST":
+            self._operate(request, saga, operation)
+            return redirect("admin:sagas_sagainstance_change", saga.id)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "saga": saga,
+            "operation": operation,
+            "label": offered[operation],
+            "title": f"{offered[operation]}: saga {saga.id}?",
+        }
+        return TemplateResponse(request, "admin/sagas/sagainstance/operate_confirm.html", context)
+
+    def _operate(self, request, saga: SagaInstance, operation: str) -> None:
+        try:
+            if operation == "retry":
+                saga = saga_retry_compensation(saga_id=saga.id)
+            else:
+                saga = saga_abort(saga_id=saga.id, reason=f"aborted by {request.user.get_username()} in the admin")
+        except SagaStateConflict as exc:
+            self.message_user(request, str(exc), messages.WARNING)
+            return
+        self.message_user(request, f"saga {saga.id}: {operation} done, now {saga.state}", messages.SUCCESS)
 
     # The same permissions as the staff API's (sagas.permissions).
     def has_retry_permission(self, request) -> bool:

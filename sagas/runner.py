@@ -27,6 +27,8 @@ import enum
 import functools
 import json
 import logging
+import os
+import sys
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -475,8 +477,14 @@ class _LazyResults(Mapping):
 
 def _describe(error: BaseException) -> str:
     frames = traceback.extract_tb(error.__traceback__)
-    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    where = f" (at {_module_path(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
     return f"{type(error).__name__}: {error}{where}"
+
+
+def _module_path(filename: str) -> str:
+    """`filename` from its import root (sagas/faults.py), not from where this deployment put it."""
+    roots = [root for root in sys.path if root and filename.startswith(os.path.join(root, ""))]
+    return os.path.relpath(filename, max(roots, key=len)) if roots else os.path.basename(filename)
 
 
 def _first_line(error: BaseException) -> str:

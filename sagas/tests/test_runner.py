@@ -1,5 +1,7 @@
 """The runner's handling of lost deliveries and errbacks, without a worker."""
 
+import os
+import re
 import threading
 import time
 
@@ -267,3 +269,13 @@ def test_an_action_that_asks_for_savepoints_gets_them(sent):
 
     assert result.outcome is runner.Outcome.DONE, step_row(saga, "catch").last_error
     assert step_row(saga, "catch").result == {"events": 1}
+
+
+def test_an_error_says_where_it_was_raised_from_its_import_root_not_the_deployment_path(sent):
+    saga = services.saga_start(definition=catching, input={})
+
+    run(saga, "catch")
+
+    error = step_row(saga, "catch").last_error
+    assert re.search(r"\(at sagas/[\w/]+\.py:\d+\)", error), error
+    assert os.getcwd() not in error
