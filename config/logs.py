@@ -45,6 +45,22 @@ def _without_celery_data(logger, method_name, event_dict):
     return event_dict
 
 
+class PlainFormatter(logging.Formatter):
+    """The plain format; a line logged while a step runs that does not name its saga already (as
+    Celery's own task lines do not) ends with the step's fields, e.g.
+    `[saga=<id> name=place_order v=1 step=process_payment direction=forward delivery=1]`."""
+
+    FIELDS = (("saga_id", "saga"), ("saga_name", "name"), ("saga_version", "v"), ("step", "step"), ("direction", "direction"), ("delivery", "delivery"))
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        saga_id = getattr(record, "saga_id", None)
+        if saga_id is None or f"saga={saga_id}" in line:
+            return line
+        fields = " ".join(f"{label}={getattr(record, name)}" for name, label in self.FIELDS if getattr(record, name, None) is not None)
+        return f"{line} [{fields}]"
+
+
 class QuietHousekeepingFilter(logging.Filter):
     """Celery's INFO lines about housekeeping tasks are DEBUG: an idle relay is silent at INFO."""
 

@@ -41,3 +41,15 @@ def test_json_lines_of_a_step_carry_its_context_and_a_refusal_has_no_traceback()
     assert len(refused) == 1 and refused[0]["level"] == "info" and refused[0]["step"] == "ship", refused
     assert "exception" not in refused[0] and "Traceback" not in output
     assert not [line for line in lines if "sagas.relay_outbox" in line["message"] and line["level"] == "info"]
+
+
+def test_plain_lines_of_celery_about_a_step_end_with_its_saga_fields():
+    env = subprocess_environment(CELERY_TASK_DEFAULT_QUEUE=parked_queue())
+    with CeleryWorker(queues=[parked_queue()], concurrency=1, env=env) as worker:
+        saga = wait_for_saga(four_steps.start(input={}).id)
+        output = worker.output()
+
+    succeeded = [line for line in output.splitlines() if "Task sagas.run_step[" in line and " succeeded " in line]
+    assert len(succeeded) == 4, output[-2000:]
+    for line in succeeded:
+        assert line.endswith("]") and f"[saga={saga.id} name={four_steps.name} v={four_steps.version} step=" in line, line
