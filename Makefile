@@ -27,6 +27,7 @@ run: migrate
 	@echo "    api    http://127.0.0.1:$(PORT)/api/docs/"
 	@echo "    admin  http://127.0.0.1:$(PORT)/admin/"
 	@echo "    broker $$($(PY) -c 'import os; os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local"); import django; django.setup(); from django.conf import settings; from kombu.utils.url import maybe_sanitize_url; print(maybe_sanitize_url(settings.CELERY_BROKER_URL))')"
+	@echo "  nothing reloads: after changing code (a saga above all), Ctrl-C and make run again"
 	@echo ""
 	rm -rf var/metrics  # the processes' metrics (sagas.metrics) count from zero again
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH PORT=$(PORT) $(VENV)/bin/honcho start -f Procfile

@@ -31,6 +31,7 @@ from payments.gateway import PAYMENT_METHODS
 from sagas.api import filter_by_choice
 from sagas.models import Direction, SagaState, StepState
 from sagas.selectors import saga_timeline
+from sagas.services import saga_failure
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
@@ -129,7 +130,7 @@ class OrderSagaOutputSerializer(serializers.Serializer):
     steps = serializers.SerializerMethodField()
 
     def get_failure_reason(self, saga) -> str:
-        return customer_reason(saga) if saga.failure_reason else ""
+        return customer_reason(saga_failure(saga)) if saga.failure_reason else ""
 
     @extend_schema_field(OrderStepOutputSerializer(many=True))
     def get_steps(self, saga) -> list[dict]:

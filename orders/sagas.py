@@ -4,8 +4,8 @@ from datetime import timedelta
 
 from django.conf import settings
 
-from sagas import Retry, Saga, Step, StepContext
-from sagas.models import Direction, SagaInstance, SagaState, StepState
+from sagas import Failure, Outcome, Retry, Saga, Step, StepContext
+from sagas.models import Direction, SagaState, StepState
 from sagas.outbox import outbox_emit
 
 from inventory.services import OutOfStock, stock_release, stock_reserve
@@ -22,8 +22,7 @@ def create_order(ctx: StepContext) -> dict:
 
 
 def cancel_order(ctx: StepContext) -> None:
-    saga = SagaInstance.objects.prefetch_related("steps").get(pk=ctx.saga_id)
-    order_mark_cancelled(order_id=ctx.input["order_id"], reason=customer_reason(saga), now=ctx.now)
+    order_mark_cancelled(order_id=ctx.input["order_id"], reason=customer_reason(ctx.reason), now=ctx.now)
 
 
 def reserve_inventory(ctx: StepContext) -> dict:
@@ -74,11 +73,11 @@ def notify_fulfillment(ctx: StepContext) -> None:
     order_confirm(order_id=ctx.input["order_id"], now=ctx.now)
 
 
-def release_order(saga) -> None:
+def release_order(outcome: Outcome) -> None:
     """However the saga was undone (a failed step, a cancel, an operator abort, even before
     create_order ran), a COMPENSATED saga leaves its order cancelled, never pending."""
-    if saga.state == SagaState.COMPENSATED:
-        order_mark_cancelled(order_id=saga.input["order_id"], reason=customer_reason(saga), now=saga.updated_at)
+    if outcome.state == SagaState.COMPENSATED:
+        order_mark_cancelled(order_id=outcome.input["order_id"], reason=customer_reason(outcome.failure), now=outcome.finished_at)
 
 
 # --- what the customer is told ---------------------------------------------------------------------
@@ -97,21 +96,20 @@ CANCELLED_BY_SUPPORT = "cancelled by our support team"
 DEADLINE_EXCEEDED = "deadline exceeded"  # the engine's reason when the sweeper or a step finds the deadline passed
 
 
-def customer_reason(saga) -> str:
-    """Why the order's saga was undone, in words fit for the customer. Reads a prefetched
-    `saga.steps` when there is one."""
-    forward = sorted((e for e in saga.steps.all() if e.direction == Direction.FORWARD), key=lambda e: e.position)
-    failed = next((e for e in forward if e.state == StepState.FAILED), None)
-    if failed is not None and failed.reason:
-        return failed.reason  # a business refusal: "card declined by the issuer"
-    if saga.failure_reason == DEADLINE_EXCEEDED:
+def customer_reason(failure: Failure | None) -> str:
+    """Why the order's saga was undone (sagas.Failure), in words fit for the customer."""
+    if failure is None:
+        return "the order could not be completed"
+    if failure.refusal:
+        return failure.refusal  # a business refusal: "card declined by the issuer"
+    if failure.reason == DEADLINE_EXCEEDED:
         return PAYMENT_TOO_LATE_TEXT
-    if saga.failure_reason == CANCELLED_BY_CUSTOMER:
-        return saga.failure_reason
-    if saga.failure_reason.startswith("aborted by "):
+    if failure.reason == CANCELLED_BY_CUSTOMER:
+        return failure.reason
+    if failure.reason.startswith("aborted by "):
         return CANCELLED_BY_SUPPORT  # which operator did it is for staff to know
-    if failed is not None:
-        return STEP_FAILED_TEXT.get(failed.name, "the order could not be completed")
+    if failure.step is not None:
+        return STEP_FAILED_TEXT.get(failure.step, "the order could not be completed")
     return "the order could not be completed"
 
 
@@ -136,6 +134,6 @@ place_order = Saga("place_order", version=1, steps=[
     Step("reserve_inventory", action=reserve_inventory, compensation=release_inventory, on_failure=stock_unavailable),
     Step("process_payment", action=process_payment, compensation=refund_payment, on_failure=payment_failed,
          compensate_uncertain=True,
-         retry=Retry(max_attempts=5, backoff=0.5, max_delay=5.0, non_retryable=(PaymentFailed,))),
+         retry=Retry(max_attempts=5, initial_delay=0.5, max_delay=5.0, non_retryable=(PaymentFailed,))),
     Step("notify_fulfillment", action=notify_fulfillment),
 ], on_finish=release_order, deadline=PAYMENT_DEADLINE)

@@ -43,3 +43,12 @@ class WorkerLostTooOften(BusinessError):
 
 class StepFailedEarlier(BusinessError):
     """A redelivered message for a step that the saga log already records as FAILED."""
+
+
+class InvalidStepResult(Exception):
+    """A step returned a value the saga log cannot keep (not JSON). A bug in the step, not a
+    passing fault: never retried, and not a business refusal a customer should read either."""
+
+
+class SagaIdempotencyConflict(SagaError):
+    """A saga was started again under an idempotency key that an earlier start used with another input."""

@@ -66,7 +66,7 @@ class RelayResult:
 def backoff_policy() -> Retry:
     return Retry(
         max_attempts=settings.OUTBOX_MAX_ATTEMPTS,
-        backoff=settings.OUTBOX_RETRY_BACKOFF,
+        initial_delay=settings.OUTBOX_RETRY_BACKOFF,
         max_delay=settings.OUTBOX_RETRY_MAX_DELAY,
     )
 

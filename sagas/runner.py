@@ -42,7 +42,7 @@ from django.utils import timezone
 from sagas import interceptors, metrics, sql
 from sagas.counting import Counting
 from sagas.definition import FORWARD, HARD_LIMIT_GRACE, Saga, Step, StepContext, get_definition
-from sagas.exceptions import BusinessError, StepFailedEarlier, WorkerLostTooOften
+from sagas.exceptions import BusinessError, InvalidStepResult, StepFailedEarlier, WorkerLostTooOften
 from sagas.locks import lock_saga, lock_step
 from sagas.log import step_context_add, transition
 from sagas.models import SagaInstance, SagaState, StepExecution, StepState
@@ -52,6 +52,7 @@ from sagas.services import (
     UNFINISHED_STEP,
     saga_advance,
     saga_begin_compensation,
+    saga_failure,
     saga_finish_compensation_if_done,
     saga_finished_hook,
     saga_mark_finished,
@@ -190,7 +191,7 @@ class Delivery:
         def action():
             with contextlib.nullcontext() if step.savepoints else sql.savepoints_off(f"step {step.name} (Step(..., savepoints=True))"):
                 value = function(context) if function else None
-            return json.loads(json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False))
+            return _json_result(step.name, self.direction, value)
 
         call = action
         for interceptor in reversed(self.interceptors):
@@ -434,6 +435,7 @@ def _context(saga: SagaInstance, execution: StepExecution, *, now: datetime) -> 
         results=_LazyResults(saga.id),
         attempt=execution.attempts + 1,
         now=now,
+        reason=saga_failure(saga) if execution.direction != FORWARD else None,
     )
 
 
@@ -473,6 +475,19 @@ class _LazyResults(Mapping):
 
     def __repr__(self) -> str:
         return repr(self._load())
+
+
+def _json_result(step: str, direction: str, value):
+    """`value` as the saga log keeps it (JSON); InvalidStepResult, naming the step and the type,
+    when it cannot be (never retried: trying again returns the same kind of value)."""
+    try:
+        return json.loads(json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        what = "compensation of step" if direction != FORWARD else "step"
+        raise InvalidStepResult(
+            f"{what} {step} returned a {type(value).__name__}, which is not JSON ({exc}); return a dict, list, "
+            "str, number, bool or None"
+        ) from None
 
 
 def _describe(error: BaseException) -> str:

@@ -19,8 +19,8 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from sagas import dispatch, metrics
-from sagas.definition import COMPENSATE, FORWARD, Saga, get_definition
-from sagas.exceptions import SagaError, SagaStateConflict, UnknownSagaDefinition
+from sagas.definition import COMPENSATE, FORWARD, Failure, Outcome, Saga, get_definition
+from sagas.exceptions import SagaError, SagaIdempotencyConflict, SagaStateConflict, UnknownSagaDefinition
 from sagas.locks import lock_saga, lock_steps
 from sagas.log import transition
 from sagas.models import TERMINAL_STATES, SagaInstance, SagaState, StepExecution, StepState
@@ -45,7 +45,8 @@ def saga_start(
     """Record a new saga and send its first step once the surrounding transaction commits.
 
     Call it inside the transaction that writes the business rows the saga starts from. Starting
-    twice with the same idempotency key returns the first saga. Raises InvalidSagaInput.
+    twice with the same idempotency key and input returns the first saga; with another input it
+    raises SagaIdempotencyConflict. Raises InvalidSagaInput.
     """
     now = now or timezone.now()
     payload = _json_object(input)
@@ -68,7 +69,13 @@ def saga_start(
             if idempotency_key is None:
                 raise
             # Started before with this key (the unique constraint says so, race-free).
-            return SagaInstance.objects.get(name=definition.name, idempotency_key=idempotency_key)
+            earlier = SagaInstance.objects.get(name=definition.name, idempotency_key=idempotency_key)
+            if earlier.input != payload:
+                raise SagaIdempotencyConflict(
+                    f"saga {definition.name} with idempotency key {idempotency_key!r} was started before with another "
+                    f"input (saga {earlier.id}); a key names one request: use a new key for a new input"
+                ) from None
+            return earlier
         StepExecution.objects.bulk_create(
             StepExecution(saga=saga, name=step.name, position=position, direction=FORWARD)
             for position, step in enumerate(definition.steps)
@@ -298,7 +305,31 @@ def saga_finished_hook(saga: SagaInstance) -> None:
     """Run the definition's on_finish hook, once the terminal state is saved in this transaction."""
     hook = _definition(saga).on_finish
     if hook is not None:
-        hook(saga)
+        hook(saga_outcome(saga))
+
+
+def saga_outcome(saga: SagaInstance) -> Outcome:
+    """How `saga` ended, as its on_finish hook gets it."""
+    return Outcome(
+        saga_id=saga.id, saga_name=saga.name, version=saga.version, state=saga.state, input=saga.input,
+        finished_at=saga.finished_at, failure=saga_failure(saga) if saga.state != SagaState.COMPLETED else None,
+    )
+
+
+def saga_failure(saga: SagaInstance) -> Failure:
+    """Why `saga` is being (or was) undone: its failure reason and the forward step that failed,
+    if one did, with its business refusal. Reads prefetched `saga.steps` when there are."""
+    prefetched = getattr(saga, "_prefetched_objects_cache", {}).get("steps")
+    if prefetched is not None:
+        failed = next(((e.name, e.reason) for e in sorted(prefetched, key=lambda e: e.position)
+                       if e.direction == FORWARD and e.state == StepState.FAILED), None)
+    else:
+        failed = (
+            StepExecution.objects.filter(saga=saga, direction=FORWARD, state=StepState.FAILED)
+            .order_by("position").values_list("name", "reason").first()
+        )
+    step, refusal = failed or (None, "")
+    return Failure(reason=saga.failure_reason, step=step, refusal=refusal)
 
 
 def _set_state(saga: SagaInstance, state: str, *, now: datetime, detail: str = "") -> None:

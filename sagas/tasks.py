@@ -15,7 +15,7 @@ from django.utils import timezone
 from sagas import consumers, dispatch, outbox, relay, runner, services
 from sagas.counting import Counting
 from sagas.definition import COMPENSATE, FORWARD
-from sagas.exceptions import BusinessError, SagaNotFound
+from sagas.exceptions import BusinessError, SagaNotFound, UnknownSagaDefinition
 from sagas.log import step_context_begin, step_context_end
 from sagas.models import HousekeepingRun
 from sagas.publishers import configured_publisher
@@ -81,6 +81,18 @@ def _soft_time_limit(task: Task) -> float | None:
 STEP_TASKS = ("sagas.run_step", "sagas.step_failed")
 
 
+def _retry_unknown_definition(task: Task, saga_id: str, step: str, exc: UnknownSagaDefinition):
+    """This worker does not have the saga's definition: most likely it was started before the
+    code that defines it was deployed. One line, and the message waits for a worker that has it
+    (nothing was counted: the step's transaction rolled back)."""
+    countdown = settings.SAGAS_UNKNOWN_DEFINITION_RETRY
+    log.error(
+        "saga_definition_unknown saga=%s step=%s: %s; trying again in %gs. Restart the workers after adding or changing a saga",
+        saga_id, step, exc, countdown,
+    )
+    return task.retry(countdown=countdown, max_retries=None)
+
+
 @task_prerun.connect
 def _step_context_begin(task=None, kwargs=None, **_) -> None:
     """Every line this process logs while a step task runs (Celery's own task lines too) carries
@@ -140,6 +152,8 @@ def run_step(self, *, saga_id: str, step: str, direction: str) -> None:
     except SagaNotFound:
         log.warning("saga_missing saga=%s step=%s: dropping the message", saga_id, step)
         raise Ignore() from None
+    except UnknownSagaDefinition as exc:
+        raise _retry_unknown_definition(self, saga_id, step, exc) from None
     if result.outcome is runner.Outcome.RETRY:
         raise self.retry(countdown=result.countdown, max_retries=None)
     if result.outcome is runner.Outcome.FAILED:
@@ -159,6 +173,8 @@ def step_failed(self, failed_task_id: str, *, saga_id: str, step: str, direction
         runner.step_failure_handle(saga_id=saga_id, step_name=step, direction=direction, failed_task_id=failed_task_id)
     except SagaNotFound:
         log.warning("saga_missing saga=%s step=%s: dropping the errback", saga_id, step)
+    except UnknownSagaDefinition as exc:
+        raise _retry_unknown_definition(self, saga_id, step, exc) from None
 
 
 @shared_task(base=EngineTask, name="sagas.sweep", acks_late=True, **INFRASTRUCTURE_RETRY)

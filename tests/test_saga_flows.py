@@ -2,7 +2,7 @@
 
 import pytest
 
-from sagas.exceptions import SagaStateConflict
+from sagas.exceptions import SagaIdempotencyConflict, SagaStateConflict
 from sagas.models import Direction, FaultKind, SagaInstance, SagaState, StepState
 from sagas.services import saga_abort, saga_retry_compensation
 from sagas.testing import inject_fault, timeline, wait_for_saga
@@ -103,7 +103,9 @@ def test_parallel_compensation_does_not_hold_the_others_back_behind_a_failing_on
 
 def test_starting_twice_with_the_same_idempotency_key_returns_the_first_saga(saga_worker):
     first = four_steps.start(input={"n": 1}, idempotency_key="order-42")
-    second = four_steps.start(input={"n": 2}, idempotency_key="order-42")
+    second = four_steps.start(input={"n": 1}, idempotency_key="order-42")
+    with pytest.raises(SagaIdempotencyConflict, match="started before with another input"):
+        four_steps.start(input={"n": 2}, idempotency_key="order-42")
 
     wait_for_saga(first.id)
 

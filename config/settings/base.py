@@ -176,6 +176,9 @@ SAGAS_FAULT_INJECTION = env_bool("SAGAS_FAULT_INJECTION", False)
 # How long past a step's timeout the sweeper waits before re-driving a saga that made no progress.
 SAGAS_STUCK_GRACE = env_float("SAGAS_STUCK_GRACE", 5.0)
 SAGAS_SWEEP_BATCH = env_int("SAGAS_SWEEP_BATCH", 200)
+# A step message for a saga whose definition this worker lacks (restart the workers after adding
+# or changing a saga) waits this long (s) before it is tried again.
+SAGAS_UNKNOWN_DEFINITION_RETRY = env_float("SAGAS_UNKNOWN_DEFINITION_RETRY", 30.0)
 # After a message could not be sent, this process leaves the broker alone for this long (s).
 SAGAS_BROKER_RETRY_AFTER = env_float("SAGAS_BROKER_RETRY_AFTER", 5.0)
 # Each worker writes a heartbeat this often (s); health calls the workers stalled when work

@@ -29,7 +29,7 @@ class OutOfStock(BusinessError):
 
 
 def test_the_retry_delay_doubles_with_every_failed_try():
-    policy = Retry(backoff=0.5, max_delay=1000.0, jitter=False)
+    policy = Retry(initial_delay=0.5, max_delay=1000.0, jitter=False)
 
     delays = [policy.delay(attempt) for attempt in range(1, 7)]
 
@@ -37,7 +37,7 @@ def test_the_retry_delay_doubles_with_every_failed_try():
 
 
 def test_the_retry_delay_is_capped_at_max_delay():
-    policy = Retry(backoff=1.0, max_delay=5.0, jitter=False)
+    policy = Retry(initial_delay=1.0, max_delay=5.0, jitter=False)
 
     delays = [policy.delay(attempt) for attempt in range(1, 12)]
 
@@ -47,7 +47,7 @@ def test_the_retry_delay_is_capped_at_max_delay():
 
 
 def test_without_jitter_the_delay_equals_its_ceiling_whatever_the_random_source():
-    policy = Retry(backoff=2.0, max_delay=60.0, jitter=False)
+    policy = Retry(initial_delay=2.0, max_delay=60.0, jitter=False)
 
     delays = {policy.delay(4, rng=random.Random(seed)) for seed in range(20)}
 
@@ -56,7 +56,7 @@ def test_without_jitter_the_delay_equals_its_ceiling_whatever_the_random_source(
 
 @pytest.mark.parametrize(("attempt", "ceiling"), [(1, 1.0), (3, 4.0), (5, 10.0), (9, 10.0)])
 def test_with_jitter_the_delay_stays_between_half_the_ceiling_and_the_ceiling(attempt, ceiling):
-    policy = Retry(backoff=1.0, max_delay=10.0, jitter=True)
+    policy = Retry(initial_delay=1.0, max_delay=10.0, jitter=True)
     rng = random.Random(1234)
 
     delays = [policy.delay(attempt, rng=rng) for _ in range(2000)]
@@ -66,7 +66,7 @@ def test_with_jitter_the_delay_stays_between_half_the_ceiling_and_the_ceiling(at
 
 
 def test_jitter_uses_the_random_source_it_is_given():
-    policy = Retry(backoff=1.0, max_delay=10.0, jitter=True)
+    policy = Retry(initial_delay=1.0, max_delay=10.0, jitter=True)
 
     first = [policy.delay(4, rng=random.Random(7)) for _ in range(3)]
     again = [policy.delay(4, rng=random.Random(7)) for _ in range(3)]
@@ -120,7 +120,7 @@ def test_a_saga_without_steps_is_refused(unique_name):
 def test_a_saga_that_repeats_a_step_name_is_refused(unique_name):
     steps = [Step("reserve", action=noop), Step("charge", action=noop), Step("reserve", action=noop)]
 
-    with pytest.raises(InvalidSagaDefinition, match="repeats a step name"):
+    with pytest.raises(InvalidSagaDefinition, match="more than one step named"):
         Saga(unique_name, version=1, steps=steps)
 
     with pytest.raises(UnknownSagaDefinition):

@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from sagas import runner, services
 from sagas.definition import COMPENSATE, FORWARD
+from sagas.exceptions import SagaIdempotencyConflict
 from sagas.models import SagaInstance, SagaState, StepExecution, StepState
 from sagas.tests.builders import (
     compensated_saga,
@@ -32,12 +33,21 @@ def test_starting_twice_with_the_same_idempotency_key_returns_the_first_saga(sen
         first = services.saga_start(definition=three_steps, input={"order": 1}, idempotency_key="order-1")
 
     with django_capture_on_commit_callbacks(execute=True):
-        second = services.saga_start(definition=three_steps, input={"order": 2}, idempotency_key="order-1")
+        second = services.saga_start(definition=three_steps, input={"order": 1}, idempotency_key="order-1")
 
     assert second.pk == first.pk
-    assert second.input == {"order": 1}
     assert SagaInstance.objects.filter(name=three_steps.name, idempotency_key="order-1").count() == 1
     assert sent.forward == [(str(first.pk), three_steps.name, 0)], "only the first start sends a message"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_starting_again_under_a_used_idempotency_key_with_another_input_is_refused(sent):
+    first = services.saga_start(definition=three_steps, input={"order": 1}, idempotency_key="order-1")
+
+    with pytest.raises(SagaIdempotencyConflict, match=f"idempotency key 'order-1' was started before with another input \\(saga {first.pk}\\)"):
+        services.saga_start(definition=three_steps, input={"order": 2}, idempotency_key="order-1")
+
+    assert SagaInstance.objects.get(pk=first.pk).input == {"order": 1}
 
 
 def test_the_same_idempotency_key_in_another_saga_starts_a_new_one(sent, django_capture_on_commit_callbacks):

@@ -8,8 +8,8 @@ from datetime import timedelta
 from sagas import Retry, Saga, Step, StepContext
 from tests.sagaapp.models import Effect
 
-FAST_RETRY = Retry(max_attempts=3, backoff=0.1, max_delay=0.5)
-COMPENSATION_RETRY = Retry(max_attempts=3, backoff=0.1, max_delay=0.5)
+FAST_RETRY = Retry(max_attempts=3, initial_delay=0.1, max_delay=0.5)
+COMPENSATION_RETRY = Retry(max_attempts=3, initial_delay=0.1, max_delay=0.5)
 STEP_NAMES = ["reserve", "charge", "ship", "notify"]
 
 
@@ -111,4 +111,38 @@ hold = Saga("test_hold_wallet", version=1, steps=[Step("hold", action=hold_walle
 transfer_quick = Saga("test_transfer_quick", version=1, steps=[
     Step("debit_source", action=debit, compensation=credit_back, timeout=6.0),
     Step("credit_target", action=credit, timeout=6.0),
+])
+
+
+# --- what a saga author gets: the reason in a compensation, the outcome in on_finish ---------------
+class CardDeclined(BusinessError):
+    pass
+
+
+def undo_and_tell_why(ctx: StepContext) -> dict:
+    Effect.objects.create(saga_id=ctx.saga_id, step=ctx.step, direction=ctx.direction, pid=os.getpid())
+    return {"failed_step": ctx.reason.step, "refusal": ctx.reason.refusal, "reason": ctx.reason.reason}
+
+
+def decline(ctx: StepContext) -> None:
+    raise CardDeclined("card declined by the issuer")
+
+
+def return_a_set(ctx: StepContext) -> set:
+    return {1, 2}
+
+
+def note_outcome(outcome) -> None:
+    Effect.objects.create(
+        saga_id=outcome.saga_id, step=f"on_finish:{outcome.state}", direction=outcome.failure.step if outcome.failure else "-", pid=os.getpid()
+    )
+
+
+declined = Saga("test_declined", version=1, on_finish=note_outcome, steps=[
+    Step("reserve", action=record, compensation=undo_and_tell_why, retry=FAST_RETRY, compensation_retry=COMPENSATION_RETRY),
+    Step("pay", action=decline, retry=FAST_RETRY),
+])
+not_json = Saga("test_not_json", version=1, on_finish=note_outcome, steps=[
+    Step("reserve", action=record, compensation=undo_and_tell_why, retry=FAST_RETRY, compensation_retry=COMPENSATION_RETRY),
+    Step("strange", action=return_a_set, retry=FAST_RETRY),
 ])
