@@ -40,10 +40,10 @@ from sagas.models import (
     WorkerHeartbeat,
 )
 from sagas.consumers import consumer_replay
-from sagas.permissions import ABORT_SAGA, REPLAY_OUTBOX_EVENT, REPLAY_PARKED_DELIVERY, RETRY_SAGA
+from sagas.permissions import ABORT_SAGA, REDRIVE_SAGA, REPLAY_OUTBOX_EVENT, REPLAY_PARKED_DELIVERY, RETRY_SAGA
 from sagas.relay import outbox_replay
 from sagas.selectors import outbox_stats, saga_timeline
-from sagas.services import saga_abort, saga_retry_compensation
+from sagas.services import saga_abort, saga_redrive, saga_retry_compensation
 from sagas.timeline import duration_ms, lost_deliveries, saga_timeline_svg
 
 GREEN, RED, AMBER, GREY, BLUE = "#2e7d32", "#c62828", "#ef8f00", "#757575", "#1565c0"
@@ -273,6 +273,8 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             offered.append(("retry", "Retry compensation"))
         if saga.state in (SagaState.PENDING, SagaState.RUNNING) and self.has_abort_permission(request):
             offered.append(("abort", "Abort (compensate what completed)"))
+        if saga.state in ACTIVE_STATES and self.has_redrive_permission(request):
+            offered.append(("redrive", "Re-drive (send what comes next again)"))
         return offered
 
     def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
@@ -290,7 +292,7 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             raise PermissionDenied
         offered = dict(self.operations(request, saga))
         if operation not in offered:
-            allowed = {"retry": self.has_retry_permission, "abort": self.has_abort_permission}.get(operation)
+            allowed = {"retry": self.has_retry_permission, "abort": self.has_abort_permission, "redrive": self.has_redrive_permission}.get(operation)
             if allowed is not None and not allowed(request):
                 raise PermissionDenied
             self.message_user(request, f"saga {saga.id} is {saga.state}: {operation} is not possible now", messages.WARNING)
@@ -312,6 +314,8 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         try:
             if operation == "retry":
                 saga = saga_retry_compensation(saga_id=saga.id)
+            elif operation == "redrive":
+                saga = saga_redrive(saga_id=saga.id, by=f"{request.user.get_username()} in the admin")
             else:
                 saga = saga_abort(saga_id=saga.id, reason=f"aborted by {request.user.get_username()} in the admin")
         except SagaStateConflict as exc:
@@ -325,6 +329,9 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
     def has_abort_permission(self, request) -> bool:
         return request.user.has_perm(ABORT_SAGA)
+
+    def has_redrive_permission(self, request) -> bool:
+        return request.user.has_perm(REDRIVE_SAGA)
 
     @admin.action(description="Retry compensation of selected FAILED sagas", permissions=["retry"])
     def retry_compensation(self, request, queryset: QuerySet[SagaInstance]) -> None:

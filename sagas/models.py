@@ -54,8 +54,12 @@ class SagaInstance(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        # Operator actions (sagas.permissions): checked alike by the staff API and the admin.
-        permissions = [("retry_saga", "Can retry saga compensation"), ("abort_saga", "Can abort saga")]
+        # Operator actions (sagas.permissions): checked alike by the staff API, the admin and the CLI.
+        permissions = [
+            ("retry_saga", "Can retry saga compensation"),
+            ("abort_saga", "Can abort saga"),
+            ("redrive_saga", "Can re-drive saga"),  # send what comes next again (lost messages)
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["name", "idempotency_key"],

@@ -1,7 +1,8 @@
 """The saga engine's Python API and its saga-level decisions.
 
-Public: `saga_start`, `saga_abort`, `saga_retry_compensation`, `saga_sweep`. Everything decides
-from the saga log under the saga row lock and sends messages only after the commit.
+Public: `saga_start`, `saga_abort`, `saga_retry_compensation`, `saga_redrive`, `saga_sweep`.
+Everything decides from the saga log under the saga row lock and sends messages only after the
+commit.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from sagas.definition import COMPENSATE, FORWARD, Failure, Outcome, Saga, get_de
 from sagas.exceptions import SagaError, SagaIdempotencyConflict, SagaStateConflict, UnknownSagaDefinition
 from sagas.locks import lock_saga, lock_steps
 from sagas.log import transition
-from sagas.models import TERMINAL_STATES, SagaInstance, SagaState, StepExecution, StepState
+from sagas.models import ACTIVE_STATES, TERMINAL_STATES, SagaInstance, SagaState, StepExecution, StepState
+from sagas.selectors import sagas_stuck
 
 log = logging.getLogger("sagas")
 
@@ -168,23 +170,41 @@ def saga_sweep(*, now: datetime | None = None, limit: int | None = None) -> dict
             saga_begin_compensation(saga, definition, reason="deadline exceeded", now=now)
             overdue += 1
     with transaction.atomic():
-        for saga in (
-            SagaInstance.objects.select_for_update(skip_locked=True)
-            .filter(state__in=(*RUNS_FORWARD, SagaState.COMPENSATING), stuck_after__lt=now)
-            .order_by("stuck_after")[:limit]
-        ):
+        for saga in sagas_stuck(now=now, sagas=SagaInstance.objects.select_for_update(skip_locked=True)).order_by("stuck_after")[:limit]:
             definition = _sweepable_definition(saga, now=now)
             if definition is None:
                 continue
-            saga.redrives += 1
-            # Back off per saga so a long queue backlog is not answered with ever more messages.
-            backoff = min(600.0, max(s.timeout for s in definition.steps) * 2 ** min(saga.redrives, 6))
-            saga.stuck_after = now + timedelta(seconds=backoff)
-            saga.save(update_fields=["redrives", "stuck_after"])
-            log.warning("saga_redrive saga=%s name=%s state=%s redrives=%s", saga.id, saga.name, saga.state, saga.redrives)
-            saga_advance(saga, definition, now=now, redrive=True)
+            _redrive(saga, definition, now=now, by="sweeper")
             redriven += 1
     return {"overdue": overdue, "redriven": redriven}
+
+
+def saga_redrive(*, saga_id: UUID | str, by: str = "operator", now: datetime | None = None) -> SagaInstance:
+    """Re-send what the saga log says comes next for one unfinished saga, now, as the sweeper does
+    for a saga past its stuck_after (e.g. after the broker lost its messages). Harmless for a saga
+    that is moving (every step is idempotent), but the re-sent message counts as a delivery of its
+    step. Raises SagaNotFound, SagaStateConflict (the saga is finished, or this deployment does not
+    know its definition)."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        saga = lock_saga(saga_id)
+        if saga.state not in ACTIVE_STATES:
+            advice = "retry the compensation instead" if saga.state == SagaState.FAILED else "nothing is left to send"
+            raise SagaStateConflict(f"saga {saga.id} cannot be re-driven: it is {saga.state}; {advice}")
+        _redrive(saga, _operable_definition(saga, "re-driven"), now=now, by=by)
+    return saga
+
+
+def _redrive(saga: SagaInstance, definition: Saga, *, now: datetime, by: str) -> None:
+    """Count a re-drive, push the sweeper's next look back, and send what comes next (marked as a
+    re-drive). The caller holds the saga row lock."""
+    saga.redrives += 1
+    # Back off per saga so a long queue backlog is not answered with ever more messages.
+    backoff = min(600.0, max(s.timeout for s in definition.steps) * 2 ** min(saga.redrives, 6))
+    saga.stuck_after = now + timedelta(seconds=backoff)
+    saga.save(update_fields=["redrives", "stuck_after"])
+    log.warning("saga_redrive saga=%s name=%s state=%s redrives=%s by=%s", saga.id, saga.name, saga.state, saga.redrives, by)
+    saga_advance(saga, definition, now=now, redrive=True)
 
 
 # --- decisions shared by the runner, the errback, the sweeper and the operator actions ----------

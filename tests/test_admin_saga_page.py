@@ -11,7 +11,7 @@ from django.test import Client
 from django.urls import reverse
 
 from sagas.models import Direction, Fault, FaultKind, SagaInstance, SagaState, StepExecution
-from sagas.permissions import ABORT_SAGA, RETRY_SAGA
+from sagas.permissions import ABORT_SAGA, REDRIVE_SAGA, RETRY_SAGA
 from sagas.testing import inject_fault, timeline, wait_for_saga
 from tests.orders_helpers import a_staff_user
 from tests.sagaapp.sagas import four_steps
@@ -116,6 +116,20 @@ def test_abort_from_the_page_compensates_a_running_saga():
 
     saga.refresh_from_db()
     assert saga.state in (SagaState.COMPENSATING, SagaState.COMPENSATED) and "aborted by" in saga.failure_reason
+
+
+def test_redrive_from_the_page_sends_what_comes_next_again():
+    """No worker: the first step's message waits in the parked queue; a re-drive sends it again."""
+    saga = four_steps.start(input={})
+    viewer, operator = logged_in(name="viewer"), logged_in(REDRIVE_SAGA)
+    operate = reverse("admin:sagas_sagainstance_operate", args=[saga.pk, "redrive"])
+
+    assert "/operate/" not in page_of(viewer, saga) and viewer.post(operate).status_code == 403
+    assert f'href="{operate}"' in page_of(operator, saga)
+    done = operator.post(operate, follow=True)
+
+    assert b"redrive done" in done.content
+    assert SagaInstance.objects.get(pk=saga.pk).redrives == 1
 
 
 def test_the_index_lists_what_needs_attention_each_linking_to_its_filtered_list(saga_worker):

@@ -122,6 +122,7 @@ def test_the_operator_permissions_have_names_an_operator_can_read_in_the_admin()
 
     assert names["retry_saga"] == "Can retry saga compensation"
     assert names["abort_saga"] == "Can abort saga"
+    assert names["redrive_saga"] == "Can re-drive saga"
     assert names["replay_outboxevent"] == "Can replay outbox event from the dead letter"
 
 
