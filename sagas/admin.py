@@ -48,8 +48,10 @@ from sagas.timeline import duration_ms, lost_deliveries, saga_timeline_svg
 
 GREEN, RED, AMBER, GREY, BLUE = "#2e7d32", "#c62828", "#ef8f00", "#757575", "#1565c0"
 
-# The admin index shows the "needs attention" panel (sagas.attention) above the apps.
+# The admin index shows the "needs attention" panel (sagas.attention) above the apps. No app list
+# down the side of every page: at 1280 px it leaves the lists too narrow for their columns.
 admin.site.index_template = "admin/sagas_index.html"
+admin.site.enable_nav_sidebar = False
 
 STATE_COLOURS = {
     StepState.PENDING: GREY,
@@ -198,7 +200,8 @@ class AttentionFilter(admin.SimpleListFilter):
 
 @admin.register(SagaInstance)
 class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["id", "name", "version", "coloured_state", "created_at", "age", "last_error", "redrives"]
+    list_display = ["short_id", "saga", "coloured_state", "created", "age", "last_error"]
+    list_display_links = ["short_id"]
     list_filter = ["state", AttentionFilter, "name", StuckForFilter]
     search_fields = ["id", "idempotency_key"]
     date_hierarchy = "created_at"
@@ -218,6 +221,15 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     def coloured_state(self, saga: SagaInstance) -> SafeString:
         return state_badge(saga.state)
 
+    @admin.display(description="id", ordering="id")
+    def short_id(self, saga: SagaInstance) -> SafeString:
+        """The first 8 characters (the whole id in the tooltip): enough to tell sagas apart on a page."""
+        return format_html('<span title="{}">{}\u2026</span>', saga.id, str(saga.id)[:8])
+
+    @admin.display(description="saga", ordering="name")
+    def saga(self, saga: SagaInstance) -> str:
+        return f"{saga.name} v{saga.version}"
+
     @admin.display(description="age", ordering="created_at")
     def age(self, saga: SagaInstance) -> str:
         """How long it has run (or ran, when finished)."""
@@ -228,9 +240,10 @@ class SagaInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         reason = saga.failure_reason
         if not reason:
             return "-"
-        return format_html('<span title="{}">{}</span>', reason, reason if len(reason) <= 80 else reason[:80] + "\u2026")
+        short = reason if len(reason) <= 60 else reason[:60] + "\u2026"
+        return format_html('<span title="{}" style="overflow-wrap:anywhere">{}</span>', reason, short)
 
-    @admin.display(description="created")
+    @admin.display(description="created", ordering="created_at")
     def created(self, saga: SagaInstance) -> str:
         return when(saga.created_at)
 

@@ -82,6 +82,10 @@ def test_an_operator_retries_a_failed_saga_from_its_page(saga_worker, live_serve
     log_in(page, live_server)
     page.locator("#needs-attention").screenshot(path=str(SCREENSHOTS / "admin-needs-attention.png"))
     page.click("#needs-attention a:has-text('FAILED')")
+    page.wait_for_selector("#result_list")
+    page.screenshot(path=str(SCREENSHOTS / "saga-list.png"), full_page=True)
+    fits = "document.documentElement.scrollWidth <= 1280 && [...document.querySelectorAll('#changelist .results')].every(e => e.scrollWidth <= e.clientWidth)"
+    assert page.evaluate(fits), "the saga list fits 1280 px: no sideways scrolling, no column hidden"
     page.click(f"#result_list a[href*='{saga.pk}/change/']")
     page.wait_for_selector("svg.saga-timeline")
     page.screenshot(path=str(SCREENSHOTS / "saga-page-failed.png"), full_page=True)
