@@ -11,10 +11,10 @@ import logging
 
 import structlog
 
-# Periodic housekeeping: each logs a line of its own when it did something. Celery's "received" and
-# "succeeded" lines for them (several a second when idle) go to DEBUG.
+# Periodic housekeeping: each logs a line of its own when it did something. Celery's "received",
+# "succeeded" and "discarding revoked" (an expired kick) lines for them go to DEBUG.
 HOUSEKEEPING_TASKS = frozenset({"sagas.sweep", "sagas.relay_outbox", "sagas.outbox_cleanup", "sagas.consumers_redeliver"})
-CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace", "celery.worker.request")
 
 
 def json_formatter() -> logging.Formatter:
@@ -68,7 +68,11 @@ class QuietHousekeepingFilter(logging.Filter):
         if record.name not in CELERY_TASK_LOGGERS or record.levelno != logging.INFO:
             return True
         data = record.args if isinstance(record.args, dict) else getattr(record, "data", None)
-        if isinstance(data, dict) and data.get("name") in HOUSEKEEPING_TASKS:
+        if isinstance(data, dict):
+            name = data.get("name")
+        else:  # "Discarding revoked task: %s[%s]" (an expired relay kick), name first
+            name = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        if name in HOUSEKEEPING_TASKS:
             if logging.getLogger().isEnabledFor(logging.DEBUG):
                 record.levelno, record.levelname = logging.DEBUG, "DEBUG"
                 return True
