@@ -27,14 +27,16 @@ PASSWORD = "a-long-browser-test-password"
 
 
 @pytest.fixture
-def browser_page():
+def browser_page(monkeypatch):
     if not CHROMIUM:
         message = "no chromium: install Debian's package (apt-get install chromium) or set CHROMIUM_PATH"
         print(f"\n{message}")
         pytest.skip(message)
     from playwright.sync_api import sync_playwright
 
-    os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # Playwright's sync API runs an event loop in this thread
+    # Playwright's sync API runs an event loop in this thread; for this test only (check --deploy
+    # refuses the variable, and later tests' subprocesses would inherit it).
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
