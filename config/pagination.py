@@ -39,7 +39,7 @@ class NewestFirstCursorPagination(CursorPagination):
 
     ordering = ("-created_at", "-id")
     # Each item carries its whole story (an order: its lines, its saga's timeline, its events;
-    # about 3 KB of JSON): 20 a page keeps a page near 15 ms of work, 50 took 40.
+    # about 3 KB of JSON): reading and rendering 50 took about 40 ms of CPU, 20 take under 20.
     page_size = 20
 
     def decode_cursor(self, request):
