@@ -63,7 +63,7 @@ class ApiAutoSchema(AutoSchema):
         if custom_permissions or csrf:
             errors[403] = error("Not allowed: the caller lacks the permission, or a session request lacks its CSRF token.")
         if "{" in self.path or (self.method == "GET" and self._get_paginator() is not None):
-            errors[404] = error("No such object (or not the caller's), or a page past the last one.")
+            errors[404] = error("No such object (or not the caller's), a page past the last one, or a cursor the API did not hand out.")
         if takes_body:
             errors[413] = error("The request body is larger than the API accepts.")
             errors[415] = error("The body is not in a media type the operation reads (JSON).")

@@ -4,11 +4,13 @@ stock and reservations are only shown: they change through the reservation servi
 from __future__ import annotations
 
 from django.contrib import admin
+from django.db.models import Q
 from django.utils.safestring import SafeString
 
 from inventory.models import Product, Reservation, ReservationStatus, Stock
 from inventory.services import product_create
-from sagas.admin import AMBER, GREEN, GREY, ReadOnlyAdminMixin, state_badge
+from sagas.admin import AMBER, GREEN, GREY, HistoryAdminMixin, ReadOnlyAdminMixin, state_badge
+from sagas.admin_lists import any_of, number_q, uuid_q
 
 RESERVATION_COLOURS = {ReservationStatus.RESERVED: AMBER, ReservationStatus.COMMITTED: GREEN, ReservationStatus.RELEASED: GREY}
 
@@ -74,12 +76,21 @@ def _stock(product: Product) -> Stock | None:
 
 
 @admin.register(Reservation)
-class ReservationAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class ReservationAdmin(HistoryAdminMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["id", "saga_id", "product", "quantity", "coloured_status", "created_at", "updated_at"]
-    list_filter = ["status", ("created_at", admin.DateFieldListFilter)]
-    search_fields = ["saga_id", "product__sku"]
+    # No date filter: no index on created_at (the order's own dates are in the order admin).
+    list_filter = ["status"]
+    search_fields = ["id", "saga_id", "product__sku"]
+    search_help_text = "A reservation id, a saga (or order) id or its first characters, or a product's sku, whole."
+    ordering = ["-id"]  # newest first, through the primary key
+    sortable_by = ["id"]
     list_select_related = ["product"]
     readonly_fields = [f.name for f in Reservation._meta.fields]
+
+    def search_q(self, term: str) -> Q | None:
+        # The products first, as a list of ids: ORed with the others, each condition is an index scan.
+        products = list(Product.objects.filter(sku=term).values_list("pk", flat=True))
+        return any_of(number_q("id", term), uuid_q("saga_id", term), Q(product_id__in=products) if products else None)
 
     @admin.display(description="status", ordering="status")
     def coloured_status(self, reservation: Reservation) -> SafeString:

@@ -60,6 +60,11 @@ class Reservation(models.Model):
             models.UniqueConstraint(fields=["saga_id", "product"], name="reservation_one_per_saga_product"),
             models.CheckConstraint(condition=Q(quantity__gt=0), name="reservation_quantity_positive"),
         ]
+        indexes = [
+            # The reservations still holding stock, newest first: few at any time, however long
+            # the history (the admin's "reserved" filter).
+            models.Index(fields=["-id"], condition=Q(status="reserved"), name="reservation_held_idx"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.quantity} x {self.product_id} for {self.saga_id} ({self.status})"

@@ -4,7 +4,8 @@ the order service. Money, status and the saga link are never edited here."""
 from __future__ import annotations
 
 from django.contrib import admin, messages
-from django.db.models import QuerySet
+from django.contrib.auth import get_user_model
+from django.db.models import Q, QuerySet
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
@@ -12,7 +13,18 @@ from django.utils.safestring import SafeString
 from orders.models import Order, OrderItem, OrderStatus
 from orders.selectors import order_events
 from orders.services import OrderNotCancellable, order_cancel
-from sagas.admin import AMBER, GREEN, GREY, OperatedAdminMixin, ReadOnlyAdminMixin, saga_timeline_table, state_badge, when
+from sagas.admin import (
+    AMBER,
+    GREEN,
+    GREY,
+    HistoryAdminMixin,
+    OperatedAdminMixin,
+    ReadOnlyAdminMixin,
+    saga_timeline_table,
+    state_badge,
+    when,
+)
+from sagas.admin_lists import any_of, uuid_q
 from sagas.exceptions import SagaNotFound
 from sagas.models import SagaInstance
 
@@ -25,13 +37,18 @@ class OrderItemInline(ReadOnlyAdminMixin, admin.TabularInline):
     fields = ["sku", "product", "quantity", "unit_price", "line_total"]
     readonly_fields = fields
 
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("product")  # shown per line: one query, not one a line
+
 
 @admin.register(Order)
-class OrderAdmin(OperatedAdminMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
+class OrderAdmin(HistoryAdminMixin, OperatedAdminMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["id", "owner", "coloured_status", "total", "currency", "flow", "created_at", "saga_state"]
     list_filter = ["status", "flow", ("created_at", admin.DateFieldListFilter)]
-    search_fields = ["id", "owner__username"]
-    date_hierarchy = "created_at"
+    search_fields = ["id", "saga_id", "owner__username", "owner__email"]
+    search_help_text = "An order or saga id (or its first characters), or a customer's username or email, whole."
+    ordering = ["-created_at", "-id"]  # order_created_idx; "pending": order_pending_idx
+    sortable_by = ["id", "created_at"]
     list_select_related = ["owner", "saga"]
     inlines = [OrderItemInline]
     actions = ["cancel_selected"]
@@ -43,6 +60,9 @@ class OrderAdmin(OperatedAdminMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     ]
     # Everything is read-only even for a user granted "change order": only services change orders.
     readonly_fields = [*(f.name for f in Order._meta.fields), "saga_link", "events_table"]
+
+    def search_q(self, term: str) -> Q | None:
+        return any_of(uuid_q("id", term), uuid_q("saga_id", term), _owned_by(term))
 
     @admin.display(description="events, in order")
     def events_table(self, order: Order) -> SafeString:
@@ -100,3 +120,15 @@ class OrderAdmin(OperatedAdminMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
                     "once the compensations have run",
                     messages.SUCCESS,
                 )
+
+
+def _owned_by(term: str) -> Q | None:
+    """Orders of the customer whose username (or email) is `term`. The customers are looked up
+    first, so the orders' condition is a list of ids: ORed with the id ranges, each is an index
+    scan (a subquery there would make PostgreSQL filter every order through it)."""
+    user_model = get_user_model()
+    users = user_model.objects.filter(**{user_model.USERNAME_FIELD: term})
+    if "@" in term:
+        users = users | user_model.objects.filter(email__iexact=term)  # no index: a scan of the customers, not of orders
+    owners = list(users.values_list("pk", flat=True)[:100])
+    return Q(owner_id__in=owners) if owners else None

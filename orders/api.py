@@ -9,10 +9,11 @@ from rest_framework.generics import ListAPIView
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from config.pagination import NewestFirstCursorPagination
 from config.schema import error, validation_error
 from orders.models import Flow, Order, OrderStatus
 from orders.sagas import customer_reason, customer_step_text
-from orders.selectors import order_events
+from orders.selectors import orders_with_events
 from orders.services import (
     IdempotencyKeyInFlight,
     IdempotencyKeyReused,
@@ -150,15 +151,19 @@ class OrderOutputSerializer(serializers.Serializer):
     updated_at = serializers.DateTimeField()
     items = OrderItemOutputSerializer(many=True)
     saga = OrderSagaOutputSerializer(allow_null=True, help_text="the orchestrating saga; null in the choreographed flow")
-    events = serializers.SerializerMethodField(help_text="the order's events, in the order they happened")
-
-    @extend_schema_field(OrderEventOutputSerializer(many=True))
-    def get_events(self, order) -> list[dict]:
-        return OrderEventOutputSerializer(order_events(order.id), many=True).data
+    # Set on each order by orders_with_events (one query for a whole page).
+    events = OrderEventOutputSerializer(many=True, help_text="the order's events, in the order they happened")
 
 
 def _orders_of(user):
+    """The user's orders with what the output shows, read a page at a time: items and saga steps
+    in one query each (and events with orders_with_events)."""
     return Order.objects.filter(owner=user).select_related("saga").prefetch_related("items", "saga__steps")
+
+
+def _order_of(user, order_id) -> Order:
+    """One of the user's orders with its events, or 404."""
+    return orders_with_events([get_object_or_404(_orders_of(user), pk=order_id)])[0]
 
 
 class IdempotencyHeaderInputSerializer(serializers.Serializer):
@@ -188,6 +193,7 @@ def _idempotency_key(request) -> str:
 
 class OrderListCreateApi(ListAPIView):
     serializer_class = OrderOutputSerializer
+    pagination_class = NewestFirstCursorPagination
 
     def get_serializer_class(self):
         # OPTIONS describes POST with this: what a client sends, not the order it gets back.
@@ -199,6 +205,10 @@ class OrderListCreateApi(ListAPIView):
 
     def get_queryset(self):
         return filter_by_choice(_orders_of(self.request.user), self.request.query_params, "status", OrderStatus.choices)
+
+    def list(self, request, *args, **kwargs):
+        page = orders_with_events(self.paginate_queryset(self.get_queryset()))
+        return self.get_paginated_response(OrderOutputSerializer(page, many=True).data)
 
     @extend_schema(
         request=OrderPlaceInputSerializer,
@@ -243,7 +253,7 @@ class OrderListCreateApi(ListAPIView):
             return Response({IDEMPOTENCY_HEADER: [str(exc)]}, status=status.HTTP_409_CONFLICT)
         except TooManyPendingOrders as exc:
             return Response({"detail": str(exc)}, status=status.HTTP_429_TOO_MANY_REQUESTS)
-        order = _orders_of(request.user).get(pk=result.order.pk)
+        order = _order_of(request.user, result.order.pk)
         headers = {"Location": f"/api/orders/{order.id}/"}
         if result.replayed:
             headers["Idempotent-Replayed"] = "true"
@@ -253,8 +263,7 @@ class OrderListCreateApi(ListAPIView):
 class OrderDetailApi(APIView):
     @extend_schema(responses=OrderOutputSerializer)
     def get(self, request, order_id):
-        order = get_object_or_404(_orders_of(request.user), pk=order_id)
-        return Response(OrderOutputSerializer(order).data)
+        return Response(OrderOutputSerializer(_order_of(request.user, order_id)).data)
 
 
 class OrderCancelApi(APIView):
@@ -265,13 +274,13 @@ class OrderCancelApi(APIView):
         responses={200: OrderOutputSerializer, 202: OrderOutputSerializer, 409: error("The order can no longer be cancelled.")},
     )
     def post(self, request, order_id):
-        order = get_object_or_404(_orders_of(request.user), pk=order_id)
+        order = _order_of(request.user, order_id)
         if order.status == OrderStatus.CANCELLED:
             return Response(OrderOutputSerializer(order).data, status=status.HTTP_200_OK)
         try:
             order_cancel(order=order)
         except OrderNotCancellable as exc:
             return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
-        order = _orders_of(request.user).get(pk=order.pk)
+        order = _order_of(request.user, order.pk)
         code = status.HTTP_200_OK if order.status == OrderStatus.CANCELLED else status.HTTP_202_ACCEPTED
         return Response(OrderOutputSerializer(order).data, status=code)

@@ -20,7 +20,8 @@ class Order(models.Model):
     """An order. While it is pending its saga owns it: only the saga's steps change it."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="orders")
+    # No index of its own: the indexes below lead with it.
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="orders", db_index=False)
     status = models.CharField(max_length=10, choices=OrderStatus.choices, default=OrderStatus.PENDING)
     total = models.DecimalField(max_digits=12, decimal_places=2)
     currency = models.CharField(max_length=3)
@@ -37,7 +38,18 @@ class Order(models.Model):
             models.CheckConstraint(condition=Q(total__gt=0), name="order_total_positive"),
             models.CheckConstraint(condition=Q(status__in=OrderStatus.values), name="order_status_valid"),
         ]
-        indexes = [models.Index(fields=["owner", "status", "-created_at"], name="order_owner_status_idx")]
+        indexes = [
+            # A customer's orders in a status (GET /api/orders/?status=, the pending orders a
+            # customer may have at once).
+            models.Index(fields=["owner", "status", "-created_at"], name="order_owner_status_idx"),
+            # A customer's orders newest first, a page at a time (GET /api/orders/).
+            models.Index(fields=["owner", "-created_at", "-id"], name="order_owner_created_idx"),
+            # Every order newest first, as the admin lists them (and its date filter).
+            models.Index(fields=["-created_at", "-id"], name="order_created_idx"),
+            # The orders still in progress, newest first: few at any time, however long the
+            # history (the admin's "pending" filter).
+            models.Index(fields=["-created_at", "-id"], condition=Q(status="pending"), name="order_pending_idx"),
+        ]
 
     def __str__(self) -> str:
         return f"order {self.id} ({self.status})"
@@ -50,7 +62,8 @@ class Order(models.Model):
 
 
 class OrderItem(models.Model):
-    order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="items")
+    # No index of its own: order_item_one_line_per_product leads with it.
+    order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="items", db_index=False)
     product = models.ForeignKey("inventory.Product", on_delete=models.PROTECT)
     sku = models.CharField(max_length=64)
     quantity = models.PositiveIntegerField()
@@ -77,7 +90,8 @@ class IdempotencyRecord(models.Model):
     """One per (user, Idempotency-Key) of POST /api/orders/. Committed before the order is
     written, so a concurrent request with the same key sees it in flight (409)."""
 
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    # No index of its own: idempotency_key_unique_per_user leads with it.
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, db_index=False)
     key = models.CharField(max_length=255)
     fingerprint = models.CharField(max_length=64, help_text="sha256 of the canonical request body")
     state = models.CharField(max_length=10, choices=IdempotencyRecordState.choices, default=IdempotencyRecordState.IN_FLIGHT)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 from decimal import Decimal
 
@@ -126,3 +126,18 @@ def order_events(order_id):
     from sagas.models import OutboxEvent
 
     return OutboxEvent.objects.filter(aggregate_type="order", aggregate_id=str(order_id)).order_by("sequence")
+
+
+def orders_with_events(orders) -> list[Order]:
+    """`orders` (a page of them, or one), each with `events`: its outbox events oldest first, read
+    for all of them in one query (through outbox_aggregate_idx), not one query per order."""
+    from sagas.models import OutboxEvent
+
+    orders = list(orders)
+    events = defaultdict(list)
+    rows = OutboxEvent.objects.filter(aggregate_type="order", aggregate_id__in=[str(order.id) for order in orders])
+    for event in rows.order_by("sequence"):
+        events[event.aggregate_id].append(event)
+    for order in orders:
+        order.events = events[str(order.id)]
+    return orders

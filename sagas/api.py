@@ -8,6 +8,7 @@ from rest_framework.generics import ListAPIView
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from config.pagination import NewestFirstCursorPagination
 from config.schema import error
 from sagas.exceptions import SagaStateConflict, UnknownSagaDefinition
 from sagas.consumers import consumer_replay
@@ -74,13 +75,14 @@ class SagaOutputSerializer(serializers.Serializer):
 class SagaListApi(ListAPIView):
     permission_classes = [staff_with(VIEW_SAGA)]
     serializer_class = SagaOutputSerializer
+    pagination_class = NewestFirstCursorPagination  # through saga_created_idx, however long the log
 
     @extend_schema(parameters=[OpenApiParameter("state", enum=SagaState.values)])
     def get(self, request, *args, **kwargs):
         return super().get(request, *args, **kwargs)
 
     def get_queryset(self):
-        sagas = SagaInstance.objects.prefetch_related("steps").order_by("-created_at")
+        sagas = SagaInstance.objects.prefetch_related("steps")
         return filter_by_choice(sagas, self.request.query_params, "state", SagaState.choices)
 
 

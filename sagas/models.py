@@ -87,7 +87,8 @@ class SagaInstance(models.Model):
 class StepExecution(models.Model):
     """One row per step and direction of a saga: what happened to it, how often, and why."""
 
-    saga = models.ForeignKey(SagaInstance, on_delete=models.CASCADE, related_name="steps")
+    # No index of its own: step_unique_per_direction leads with it.
+    saga = models.ForeignKey(SagaInstance, on_delete=models.CASCADE, related_name="steps", db_index=False)
     name = models.CharField(max_length=100)
     position = models.PositiveIntegerField()
     direction = models.CharField(max_length=10, choices=Direction.choices)

@@ -13,7 +13,8 @@ from decimal import Decimal
 
 import pytest
 from django.contrib import admin, messages
-from django.db import transaction
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
@@ -279,6 +280,21 @@ def test_a_product_can_be_renamed_and_repriced_but_its_stock_and_sku_stay(admin_
     product.refresh_from_db()
     assert (product.sku, product.name, product.price, product.currency) == ("SKU-1", "Renamed", Decimal("12.00"), "EUR")
     assert Stock.objects.values("on_hand", "reserved").get(pk=product.pk) == stock_before
+
+
+def test_the_order_change_page_reads_its_lines_products_in_one_query_however_many_lines(admin_client):
+    for sku in ("SKU-1", "SKU-2", "SKU-3"):
+        a_product(sku)
+    one_line = an_order(lines=(("SKU-1", 1),), key="one")
+    three_lines = an_order(lines=(("SKU-1", 1), ("SKU-2", 1), ("SKU-3", 1)), key="three")
+
+    def queries(order) -> list[str]:
+        with CaptureQueriesContext(connection) as captured:
+            assert admin_client.get(change_page(order)).status_code == 200
+        return [q["sql"] for q in captured.captured_queries]
+
+    assert len(queries(three_lines)) == len(queries(one_line))
+    assert [sql for sql in queries(three_lines) if 'FROM "inventory_product"' in sql and "JOIN" not in sql] == []
 
 
 # --- the order page's saga timeline ----------------------------------------------------------------

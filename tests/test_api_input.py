@@ -20,6 +20,8 @@ from sagas.publishers import message
 from tests.orders_helpers import a_product, a_user, an_operator, an_order
 from tests.test_orders_api import ORDERS, an_order_body, api_as, place
 
+PRODUCTS = "/api/products/"
+
 TOKEN = "/api/auth/token/"
 JSON = "application/json"
 TOO_BIG = settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 1
@@ -244,7 +246,7 @@ def test_an_idempotency_key_with_inner_spaces_and_punctuation_is_accepted(custom
 @pytest.mark.django_db
 @pytest.mark.parametrize("page", ["junk", "0", "-1", "1.0", "last", "\u0661", "99999999999999999999"])
 def test_a_page_that_is_not_a_positive_integer_gets_a_400_naming_page(customer, page):
-    response = customer.get(ORDERS, {"page": page})
+    response = customer.get(PRODUCTS, {"page": page})  # a list paged by number (orders go by cursor)
 
     assert response.status_code == 400
     assert "page" in response.json()
@@ -252,7 +254,7 @@ def test_a_page_that_is_not_a_positive_integer_gets_a_400_naming_page(customer, 
 
 @pytest.mark.django_db
 def test_a_page_past_the_last_is_not_found(customer):
-    response = customer.get(ORDERS, {"page": 2})
+    response = customer.get(PRODUCTS, {"page": 2})
 
     assert response.status_code == 404
     assert "detail" in response.json()

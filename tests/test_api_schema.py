@@ -81,7 +81,10 @@ def test_the_order_input_and_its_header_are_bounded_as_the_api_enforces_them():
     assert key["required"] is True
     assert key["schema"] == {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]([ -~]*[!-~])?$"}
     assert listing["status"]["schema"]["enum"] == sorted(OrderStatus.values)
-    assert listing["page"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
+    assert listing["cursor"]["schema"] == {"type": "string"}
+    assert "page" not in listing, "a customer's orders are paged by cursor"
+    products = {p["name"]: p for p in schema["paths"]["/api/products/"]["get"]["parameters"]}
+    assert products["page"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
 
 
 @pytest.mark.django_db

@@ -12,6 +12,7 @@ from django.db.models import Count
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from config import health
 from orders.models import Flow, IdempotencyRecord, Order, OrderStatus
 from orders.selectors import money_violations, order_reservation_violations, order_saga_mismatches, stock_violations
 from orders.services import LineRequest, order_place
@@ -171,6 +172,7 @@ def hot_path_plans(fn) -> list[list[str]]:
         ("health's outbox backlog", lambda: outbox_stats(now=timezone.now()), "outbox_unpublished_idx"),
         ("relay claim", lambda: list(relay.claimable(timezone.now())[:500]), "outbox_unpublished_idx"),
         ("sweeper", lambda: saga_sweep(now=timezone.now()), "saga_"),
+        ("health's database facts", lambda: health.database_facts(now=timezone.now()), "saga_stuck_idx"),
     ],
 )
 def test_a_hot_path_reads_the_history_through_its_index(history, path, fn, index):

@@ -4,6 +4,7 @@ the staff saga endpoints, health, throttling, CSRF and the OpenAPI schema.
 Most tests need no worker: the saga is sent on commit, which a non-transactional test never
 reaches. The tests that need the saga to run use `saga_worker` (a real celery worker)."""
 
+import base64
 import json
 import re
 import secrets
@@ -15,6 +16,7 @@ from decimal import Decimal
 import pytest
 import yaml
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
@@ -25,6 +27,8 @@ from inventory.services import product_create, stock_reserve
 from orders.models import IdempotencyRecord, Order, OrderStatus
 from orders.services import LineRequest, _claim_key, _fingerprint
 from payments.models import Payment
+from sagas import runner
+from sagas.definition import FORWARD
 from sagas.models import Direction, SagaInstance, SagaState, StepState
 from sagas.testing import inject_fault, timeline, wait_for_saga
 from tests.engine_helpers import wait_for_step
@@ -405,19 +409,76 @@ def test_a_key_whose_first_request_died_long_ago_is_taken_over():
 
 
 @pytest.mark.django_db
-def test_the_order_list_shows_only_the_callers_orders_paginated():
+def test_the_order_list_shows_only_the_callers_orders_newest_first():
     a_product()
     alice, bob = a_user("alice"), a_user("bob")
-    mine = {str(an_order(user=alice, key=f"a{i}").id) for i in range(3)}
+    mine = [str(an_order(user=alice, key=f"a{i}").id) for i in range(3)]
     an_order(user=bob, key="b0")
 
     response = api_as(alice).get(ORDERS)
 
     assert response.status_code == 200
     data = response.json()
-    assert data["count"] == 3
-    assert {o["id"] for o in data["results"]} == mine
+    assert [o["id"] for o in data["results"]] == mine[::-1]
     assert data["next"] is None and data["previous"] is None
+    assert "count" not in data, "no total: it would count every order the customer ever placed"
+
+
+@pytest.mark.django_db
+def test_the_order_list_pages_by_cursor_through_every_order_once_even_when_they_share_a_timestamp(monkeypatch):
+    from config.pagination import NewestFirstCursorPagination
+
+    monkeypatch.setattr(NewestFirstCursorPagination, "page_size", 2)
+    a_product()
+    alice = a_user("alice")
+    orders = [an_order(user=alice, key=f"a{i}") for i in range(7)]
+    Order.objects.filter(pk__in=[o.pk for o in orders[2:5]]).update(created_at=orders[2].created_at)  # a tie
+    expected = [str(o.id) for o in Order.objects.filter(owner=alice).order_by("-created_at", "-id")]
+    client = api_as(alice)
+
+    pages, url = [], ORDERS
+    while url:
+        page = client.get(url).json()
+        pages.append([o["id"] for o in page["results"]])
+        url = page["next"]
+    back = client.get(client.get(ORDERS).json()["next"]).json()["previous"]
+
+    assert [len(p) for p in pages] == [2, 2, 2, 1]
+    assert sum(pages, []) == expected
+    assert [o["id"] for o in client.get(back).json()["results"]] == pages[0]
+
+
+@pytest.mark.parametrize("cursor", ["o=x", "o=-1", "p=not-a-date", "p=2026-13-01 00:00:00+00:00"])
+@pytest.mark.django_db
+def test_a_cursor_the_api_did_not_hand_out_is_a_404_json_error(cursor):
+    encoded = base64.b64encode(cursor.encode()).decode()
+
+    response = api_as(a_user()).get(ORDERS, {"cursor": encoded})
+
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Invalid cursor"}
+
+
+@pytest.mark.parametrize("orders", [1, 20])
+@pytest.mark.django_db
+def test_a_page_of_orders_costs_the_same_queries_whatever_its_size(orders):
+    """Items, saga steps and events are read for the whole page at once: five queries (the
+    token, the orders with their sagas, the items, the steps, the events), not five per order."""
+    a_product(on_hand=1000)
+    alice = a_user("alice")
+    placed = [an_order(user=alice, key=f"a{i}") for i in range(orders)]
+    for order in placed:
+        runner.step_run(saga_id=order.saga_id, step_name="create_order", direction=FORWARD, republish=lambda: None)
+    client = api_as(alice)
+
+    with CaptureQueriesContext(connection) as queries:
+        response = client.get(ORDERS)
+
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert len(results) == orders
+    assert all(o["events"] and o["items"] and o["saga"]["steps"] for o in results), "each order shows its events, items and steps"
+    assert len(queries) == 5, [q["sql"][:120] for q in queries.captured_queries]
 
 
 @pytest.mark.django_db
@@ -455,7 +516,7 @@ def test_the_status_filter_returns_only_orders_in_that_status(saga_worker):
 
     assert [o["id"] for o in confirmed["results"]] == [ok]
     assert [o["id"] for o in cancelled["results"]] == [declined]
-    assert client.get(ORDERS, {"status": "pending"}).json()["count"] == 0
+    assert client.get(ORDERS, {"status": "pending"}).json()["results"] == []
 
 
 @pytest.mark.django_db(transaction=True)

@@ -6,7 +6,7 @@ from django.db import migrations
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('sagas', '0013_history_indexes'),
+        ('sagas', '0014_bounded_pages'),
     ]
 
     operations = [
