@@ -44,6 +44,9 @@ class ReservationStatus(models.TextChoices):
     COMMITTED = "committed"
 
 
+SETTLED_RESERVATIONS = (ReservationStatus.RELEASED, ReservationStatus.COMMITTED)
+
+
 class Reservation(models.Model):
     """Units of one product held for one saga (one order)."""
 
@@ -59,6 +62,12 @@ class Reservation(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["saga_id", "product"], name="reservation_one_per_saga_product"),
             models.CheckConstraint(condition=Q(quantity__gt=0), name="reservation_quantity_positive"),
+        ]
+        indexes = [
+            # The units reservations hold, per product (the stock invariant), without the settled history.
+            models.Index(fields=["product", "quantity"], condition=Q(status=ReservationStatus.RESERVED), name="reservation_held_idx"),
+            # Retention (inventory.services.reservations_prune): the settled ones, oldest first.
+            models.Index(fields=["updated_at"], condition=Q(status__in=SETTLED_RESERVATIONS), name="reservation_settled_idx"),
         ]
 
     def __str__(self) -> str:

@@ -22,6 +22,7 @@ class Payment(models.Model):
     class Meta:
         ordering = ["-created_at"]
         constraints = [models.CheckConstraint(condition=Q(amount__gt=0), name="payment_amount_positive")]
+        indexes = [models.Index(fields=["reference"], name="payment_reference_idx")]  # an order's payments (its books)
 
     def __str__(self) -> str:
         return f"{self.amount} {self.currency} for {self.reference} ({self.status})"
