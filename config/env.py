@@ -110,8 +110,12 @@ def broker_url(url: str | None, *, sqlite_file: Path) -> str:
 
 
 def control_routes(queue: str) -> dict:
-    """Celery task routes sending the engine's housekeeping tasks to the control queue."""
-    return {name: {"queue": queue} for name in ("sagas.sweep", "sagas.consumers_redeliver", "sagas.outbox_cleanup")}
+    """Celery task routes sending the housekeeping tasks (the engine's and the apps' retention) to the control queue."""
+    housekeeping = (
+        "sagas.sweep", "sagas.consumers_redeliver", "sagas.outbox_cleanup", "sagas.prune_sagas", "sagas.prune_inbox",
+        "orders.prune_idempotency_records", "inventory.prune_reservations",
+    )
+    return {name: {"queue": queue} for name in housekeeping}
 
 
 def is_sqlalchemy_broker(url: str) -> bool:

@@ -44,6 +44,9 @@ class ReservationStatus(models.TextChoices):
     COMMITTED = "committed"
 
 
+SETTLED_RESERVATIONS = (ReservationStatus.RELEASED, ReservationStatus.COMMITTED)
+
+
 class Reservation(models.Model):
     """Units of one product held for one saga (one order)."""
 
@@ -64,6 +67,10 @@ class Reservation(models.Model):
             # The reservations still holding stock, newest first: few at any time, however long
             # the history (the admin's "reserved" filter).
             models.Index(fields=["-id"], condition=Q(status="reserved"), name="reservation_held_idx"),
+            # The units reservations hold, per product (the stock invariant), without the settled history.
+            models.Index(fields=["product", "quantity"], condition=Q(status=ReservationStatus.RESERVED), name="reservation_held_units_idx"),
+            # Retention (inventory.services.reservations_prune): the settled ones, oldest first.
+            models.Index(fields=["updated_at"], condition=Q(status__in=SETTLED_RESERVATIONS), name="reservation_settled_idx"),
         ]
 
     def __str__(self) -> str:

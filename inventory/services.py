@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from uuid import UUID
 
 from django.db import transaction
 from django.db.models import F
 
 from inventory.locks import lock_stocks
-from inventory.models import Product, Reservation, ReservationStatus, Stock
+from inventory.models import SETTLED_RESERVATIONS, Product, Reservation, ReservationStatus, Stock
 from sagas import BusinessError
 from sagas.outbox import outbox_emit
+from sagas.retention import PruneRun, oldest_batch, prune_in_batches
 
 
 class OutOfStock(BusinessError):
@@ -101,3 +102,17 @@ def product_create(*, sku: str, name: str, price, currency: str = "EUR", on_hand
     if created:
         Stock.objects.create(product=product, on_hand=on_hand)
     return product
+
+
+def reservations_prune(*, now: datetime, retention: timedelta, batch_size: int | None = None, time_budget: float | None = None) -> PruneRun:
+    """Delete reservations settled (released, or committed when their units left) longer than
+    `retention` ago, oldest first, in small batches (sagas.retention); held ones never."""
+    expired = Reservation.objects.filter(status__in=SETTLED_RESERVATIONS, updated_at__lt=now - retention)
+
+    def delete_batch(size: int) -> int:
+        with transaction.atomic():
+            ids = oldest_batch(expired, order_by="updated_at", size=size)
+            Reservation.objects.filter(pk__in=ids).delete()
+        return len(ids)
+
+    return prune_in_batches(delete_batch, batch_size=batch_size, time_budget=time_budget)

@@ -54,7 +54,7 @@ class OrderAdmin(HistoryAdminMixin, OperatedAdminMixin, ReadOnlyAdminMixin, admi
     actions = ["cancel_selected"]
     fieldsets = [
         (None, {"fields": ["id", "owner", "status", "total", "currency", "payment_method", "flow"]}),
-        ("Saga", {"fields": ["saga_link", "cancel_reason"]}),
+        ("Saga", {"fields": ["saga_link", "cancel_reason", "saga_failure_reason"]}),
         ("Events", {"fields": ["events_table"]}),
         ("Dates", {"fields": ["created_at", "updated_at"]}),
     ]
@@ -82,10 +82,17 @@ class OrderAdmin(HistoryAdminMixin, OperatedAdminMixin, ReadOnlyAdminMixin, admi
 
     @admin.display(description="saga", ordering="saga__state")
     def saga_state(self, order: Order) -> SafeString | str:
+        if order.saga_pruned:
+            return state_badge(order.saga_outcome)
         return state_badge(order.saga.state) if order.saga_id else "-"
 
     @admin.display(description="saga")
     def saga_link(self, order: Order) -> SafeString | str:
+        if order.saga_pruned:  # retention deleted its log; the order kept this summary
+            return format_html(
+                "{} {} finished {}; its log was pruned after the retention period",
+                order.pruned_saga_id, state_badge(order.saga_outcome), when(order.saga_finished_at),
+            )
         if not order.saga_id:
             return "-"
         url = reverse("admin:sagas_sagainstance_change", args=[order.saga_id])

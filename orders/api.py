@@ -139,6 +139,14 @@ class OrderSagaOutputSerializer(serializers.Serializer):
         return OrderStepOutputSerializer(saga_timeline(saga), many=True).data
 
 
+class OrderSagaSummaryOutputSerializer(serializers.Serializer):
+    """What an order keeps of its saga once retention pruned the saga's log."""
+
+    id = serializers.UUIDField(source="pruned_saga_id")
+    state = serializers.CharField(source="saga_outcome", help_text="how the saga ended: COMPLETED or COMPENSATED")
+    finished_at = serializers.DateTimeField(source="saga_finished_at", allow_null=True)
+
+
 class OrderOutputSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     status = serializers.CharField()
@@ -150,9 +158,18 @@ class OrderOutputSerializer(serializers.Serializer):
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
     items = OrderItemOutputSerializer(many=True)
-    saga = OrderSagaOutputSerializer(allow_null=True, help_text="the orchestrating saga; null in the choreographed flow")
+    saga = OrderSagaOutputSerializer(
+        allow_null=True, help_text="the orchestrating saga; null in the choreographed flow, and once its log was pruned (see saga_summary)"
+    )
+    saga_summary = serializers.SerializerMethodField(
+        help_text="what the order keeps of its saga after the retention period pruned the saga's log; null until then"
+    )
     # Set on each order by orders_with_events (one query for a whole page).
     events = OrderEventOutputSerializer(many=True, help_text="the order's events, in the order they happened")
+
+    @extend_schema_field(OrderSagaSummaryOutputSerializer(allow_null=True))
+    def get_saga_summary(self, order) -> dict | None:
+        return OrderSagaSummaryOutputSerializer(order).data if order.saga_pruned else None
 
 
 def _orders_of(user):

@@ -27,8 +27,19 @@ class Order(models.Model):
     currency = models.CharField(max_length=3)
     payment_method = models.CharField(max_length=40)
     flow = models.CharField(max_length=16, choices=Flow.choices, default=Flow.ORCHESTRATED)
-    saga = models.OneToOneField("sagas.SagaInstance", null=True, blank=True, on_delete=models.PROTECT, related_name="order")
+    # Emptied when retention prunes the saga's log (sagas.retention); the order keeps the summary below.
+    saga = models.OneToOneField("sagas.SagaInstance", null=True, blank=True, on_delete=models.SET_NULL, related_name="order")
     cancel_reason = models.TextField(blank=True)
+    # What the order keeps of its saga once the saga was pruned (orders.receivers): which saga it
+    # was (what its reservations and payment are keyed by), how and when it ended, and why it was
+    # undone in staff's words (the customer's are in cancel_reason). Empty while the saga is kept.
+    # (Defaults in the database too: rows written by SQL, e.g. perf.history, need not name them.)
+    pruned_saga_id = models.UUIDField(null=True, blank=True)
+    saga_outcome = models.CharField(
+        max_length=16, blank=True, default="", db_default="", help_text="its saga's final state, once the saga was pruned"
+    )
+    saga_finished_at = models.DateTimeField(null=True, blank=True)
+    saga_failure_reason = models.TextField(blank=True, default="", db_default="")
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField()
 
@@ -56,9 +67,13 @@ class Order(models.Model):
 
     @property
     def correlation_id(self):
-        """What reservations and payments of this order are keyed by: its saga, or in the
-        choreographed flow (no saga) the order itself."""
-        return self.saga_id or self.id
+        """What reservations and payments of this order are keyed by: its saga (kept or pruned), or
+        in the choreographed flow (no saga) the order itself."""
+        return self.saga_id or self.pruned_saga_id or self.id
+
+    @property
+    def saga_pruned(self) -> bool:
+        return self.saga_id is None and self.pruned_saga_id is not None
 
 
 class OrderItem(models.Model):
@@ -100,3 +115,4 @@ class IdempotencyRecord(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["owner", "key"], name="idempotency_key_unique_per_user")]
+        indexes = [models.Index(fields=["created_at"], name="idempotency_created_idx")]  # retention, oldest first

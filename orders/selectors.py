@@ -7,7 +7,8 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 from decimal import Decimal
 
-from django.db.models import Sum
+from django.db.models import Sum, Value
+from django.db.models.functions import Coalesce, NullIf
 
 from inventory.models import Reservation, ReservationStatus, Stock
 from orders.models import Flow, Order, OrderItem, OrderStatus
@@ -40,15 +41,14 @@ def stock_violations() -> list[str]:
 
 def money_violations(orders=None, *, net_charged: Mapping[str, Decimal] | None = None) -> list[str]:
     """Per settled order, charged - refunded must equal the total if confirmed and 0 if cancelled.
-    By default from our Payment and Refund rows; pass `net_charged` (order id -> net amount, e.g.
-    from the payment provider's own ledger) to check another book against the orders."""
+    By default from our Payment and Refund rows (those of `orders` only, when given: a run's own
+    check reads its orders' payments, not the whole history); pass `net_charged` (order id -> net
+    amount, e.g. from the payment provider's own ledger) to check another book against the orders."""
+    settled = list((Order.objects.all() if orders is None else orders).exclude(status=OrderStatus.PENDING).only("id", "status", "total"))
     if net_charged is None:
-        charged = _sums(Payment.objects.values("reference"), "reference")
-        refunded = _sums(Refund.objects.values("payment__reference"), "payment__reference")
-        net_charged = {ref: amount - refunded.get(ref, Decimal("0")) for ref, amount in charged.items()}
+        net_charged = _net_charged(None if orders is None else [str(order.id) for order in settled])
     violations = []
-    orders = Order.objects.all() if orders is None else orders
-    for order in orders.exclude(status=OrderStatus.PENDING).only("id", "status", "total"):
+    for order in settled:
         net = net_charged.get(str(order.id), Decimal("0"))
         expected = order.total if order.status == OrderStatus.CONFIRMED else Decimal("0")
         if net != expected:
@@ -56,13 +56,32 @@ def money_violations(orders=None, *, net_charged: Mapping[str, Decimal] | None =
     return violations
 
 
+def _net_charged(references: list[str] | None) -> dict[str, Decimal]:
+    """Reference -> charged - refunded by our books: of these references (through
+    payment_reference_idx, a thousand at a time), or of every payment when None."""
+    if references is None:
+        chunks = [(Payment.objects.all(), Refund.objects.all())]
+    else:
+        chunks = [
+            (Payment.objects.filter(reference__in=part), Refund.objects.filter(payment__reference__in=part))
+            for part in (references[n : n + 1000] for n in range(0, len(references), 1000))
+        ]
+    net: dict[str, Decimal] = {}
+    for payments, refunds in chunks:
+        charged = _sums(payments.values("reference"), "reference")
+        refunded = _sums(refunds.values("payment__reference"), "payment__reference")
+        net.update({ref: amount - refunded.get(ref, Decimal("0")) for ref, amount in charged.items()})
+    return net
+
+
 def order_saga_mismatches(orders) -> list[str]:
-    """Orders whose outcome disagrees with their saga: an orchestrated order is confirmed exactly
-    when its saga COMPLETED and cancelled exactly when it COMPENSATED; a choreographed one has no
-    saga. Pending orders are reported too."""
+    """Orders whose outcome disagrees with their saga (kept, or the summary of a pruned one): an
+    orchestrated order is confirmed exactly when its saga COMPLETED and cancelled exactly when it
+    COMPENSATED; a choreographed one has no saga. Pending orders are reported too."""
     expected = {OrderStatus.CONFIRMED: SagaState.COMPLETED, OrderStatus.CANCELLED: SagaState.COMPENSATED}
     violations = []
-    for order_id, flow, status, saga_state in orders.values_list("id", "flow", "status", "saga__state"):
+    rows = orders.annotate(final_state=Coalesce("saga__state", NullIf("saga_outcome", Value(""))))
+    for order_id, flow, status, saga_state in rows.values_list("id", "flow", "status", "final_state"):
         if status == OrderStatus.PENDING:
             violations.append(f"order {order_id} ({flow}) is still pending (saga {saga_state or '-'})")
         elif flow == Flow.CHOREOGRAPHED and saga_state is not None:
@@ -75,7 +94,7 @@ def order_saga_mismatches(orders) -> list[str]:
 def order_reservation_violations(orders) -> list[str]:
     """A confirmed order's reservations are committed and hold exactly its lines; a cancelled
     order holds nothing (every reservation it made was released)."""
-    orders = list(orders.exclude(status=OrderStatus.PENDING).only("id", "saga_id", "status"))
+    orders = list(orders.exclude(status=OrderStatus.PENDING).only("id", "saga_id", "pruned_saga_id", "status"))
     lines: dict = {}
     for order_id, product_id, quantity in OrderItem.objects.filter(order__in=orders).values_list("order_id", "product_id", "quantity"):
         lines.setdefault(order_id, {})[product_id] = quantity

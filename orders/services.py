@@ -12,6 +12,7 @@ from decimal import Decimal
 from uuid import UUID
 
 from django.db import IntegrityError, transaction
+from django.db.models import F, OuterRef, Subquery
 from django.utils import timezone
 
 from inventory.models import Product
@@ -22,6 +23,7 @@ from sagas import BusinessError
 from sagas.exceptions import SagaStateConflict
 from sagas.models import SagaInstance, SagaState
 from sagas.outbox import outbox_emit
+from sagas.retention import PruneRun, oldest_batch, prune_in_batches
 from sagas.services import saga_abort
 
 SUPPORTED_FLOWS = (Flow.ORCHESTRATED, Flow.CHOREOGRAPHED)
@@ -278,6 +280,34 @@ def _why_not_cancellable(order: Order) -> str:
     if state == SagaState.FAILED:
         return f"order {order.id} is being undone and waits for an operator of our support team; it cannot be cancelled now"
     return f"order {order.id} cannot be cancelled right now; our support team has been notified"
+
+
+def order_keep_saga_summary(*, saga_ids: Sequence[UUID]) -> int:
+    """Before these sagas are pruned (sagas.retention.saga_pruning), their orders keep a summary:
+    the saga's id, final state, finish time and failure reason; the link to the saga is emptied.
+    One statement, in the pruning transaction. Returns how many orders."""
+    saga = SagaInstance.objects.filter(pk=OuterRef("saga_id"))
+    return Order.objects.filter(saga_id__in=saga_ids).update(
+        pruned_saga_id=F("saga_id"),
+        saga_outcome=Subquery(saga.values("state")),
+        saga_finished_at=Subquery(saga.values("finished_at")),
+        saga_failure_reason=Subquery(saga.values("failure_reason")),
+        saga=None,
+    )
+
+
+def idempotency_records_prune(*, now: datetime, retention: timedelta, batch_size: int | None = None, time_budget: float | None = None) -> PruneRun:
+    """Forget Idempotency-Keys used longer than `retention` ago, oldest first, in small batches
+    (sagas.retention): the same key then places a new order. The orders stay."""
+    expired = IdempotencyRecord.objects.filter(created_at__lt=now - retention)
+
+    def delete_batch(size: int) -> int:
+        with transaction.atomic():
+            ids = oldest_batch(expired, order_by="created_at", size=size)
+            IdempotencyRecord.objects.filter(pk__in=ids).delete()
+        return len(ids)
+
+    return prune_in_batches(delete_batch, batch_size=batch_size, time_budget=time_budget)
 
 
 def _fingerprint(lines: Sequence[LineRequest], payment_method: str, flow: str) -> str:

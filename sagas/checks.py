@@ -1,4 +1,5 @@
-"""System checks: a deploy that would strand or silently change sagas in flight refuses to start.
+"""System checks: a deploy that would strand or silently change sagas in flight refuses to start,
+and so does one whose retention would forget an inbox row while its event can still come again.
 
 Registered under the tag "sagas". Django runs it for `migrate` and `runserver` (and `check`);
 sagas.apps runs it when a celery worker or beat starts. It reads the saga log, so it is skipped
@@ -9,7 +10,9 @@ there is nothing this process could run either.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
+from django.conf import settings
 from django.core import checks
 from django.db import DatabaseError
 
@@ -29,6 +32,25 @@ def check_definitions_in_flight(app_configs=None, **kwargs) -> list[checks.Check
         log.debug("sagas version check skipped: the saga log cannot be read (%s)", type(exc).__name__)
         return []
     return [message for version in versions for message in _messages(version)]
+
+
+@checks.register(TAG)
+def check_inbox_retention(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """An inbox row pruned while its event is still retained could let a repeat of the event (a
+    stream repaired from the outbox, the redelivery sweep) run its handler a second time."""
+    days = settings.SAGAS_INBOX_RETENTION_DAYS
+    outlast = max(timedelta(hours=settings.OUTBOX_RETENTION_HOURS), timedelta(hours=settings.CONSUMER_REDELIVER_WINDOW_HOURS))
+    if not days or timedelta(days=days) > outlast:
+        return []
+    return [
+        checks.Error(
+            f"SAGAS_INBOX_RETENTION_DAYS={days:g} does not outlast OUTBOX_RETENTION_HOURS={settings.OUTBOX_RETENTION_HOURS} "
+            f"and CONSUMER_REDELIVER_WINDOW_HOURS={settings.CONSUMER_REDELIVER_WINDOW_HOURS}: an event delivered again "
+            "after its inbox row was pruned would be handled twice",
+            hint=f"set SAGAS_INBOX_RETENTION_DAYS above {outlast / timedelta(days=1):g} (or 0 to keep inbox rows forever)",
+            id="sagas.E003",
+        )
+    ]
 
 
 def _messages(version: VersionInUse) -> list[checks.CheckMessage]:
@@ -75,4 +97,4 @@ def refuse_to_start_on_errors(process: str) -> None:
     if errors:
         report = "\n".join(str(e) for e in errors)
         log.critical("%s refuses to start:\n%s", process, report)
-        raise SystemExit(f"{process} refuses to start: the saga definitions do not fit the sagas in flight\n{report}")
+        raise SystemExit(f"{process} refuses to start: the sagas system checks failed\n{report}")

@@ -18,6 +18,8 @@ class SagaState(models.TextChoices):
 
 ACTIVE_STATES = (SagaState.PENDING, SagaState.RUNNING, SagaState.COMPENSATING)
 TERMINAL_STATES = (SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.FAILED)
+# Finished for good: what retention may prune (sagas.retention). FAILED waits for an operator.
+SETTLED_STATES = (SagaState.COMPLETED, SagaState.COMPENSATED)
 
 
 class StepState(models.TextChoices):
@@ -74,6 +76,9 @@ class SagaInstance(models.Model):
             # Newest first, as the admin lists them (its ordering plus the primary key): a page of
             # a long history is read from the index, not sorted out of the whole table.
             models.Index(fields=["-created_at", "-id"], name="saga_created_idx"),
+            # Retention (sagas.retention) takes the settled sagas that finished longest ago, without
+            # reading the running, FAILED or recent ones.
+            models.Index(fields=["finished_at"], condition=Q(state__in=SETTLED_STATES), name="saga_prunable_idx"),
         ]
 
     def __str__(self) -> str:
@@ -163,6 +168,10 @@ class OutboxEvent(models.Model):
     last_error = models.TextField(blank=True)
     # Parked after too many failed publishes; holds back only its own aggregate until replayed.
     dead_lettered_at = models.DateTimeField(null=True, blank=True)
+    # When the event needed nothing more from the consumers' redelivery sweep: at publication when
+    # no in-process consumer was sent it, else once each consumer it was sent to had handled it (or
+    # it left the redelivery window). Null while the sweep watches it (sagas.consumers).
+    consumed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["sequence"]
@@ -176,6 +185,13 @@ class OutboxEvent(models.Model):
             # history. Unpublished events (just inserted) have no entry to maintain.
             models.Index(
                 fields=["published_at", "event_type"], condition=Q(published_at__isnull=False), name="outbox_published_idx"
+            ),
+            # What the redelivery sweep watches: published events some consumer may still lack. Only
+            # those are in it, so the sweep reads what is live, however many events are retained.
+            models.Index(
+                fields=["published_at", "sequence"],
+                condition=Q(published_at__isnull=False, consumed_at__isnull=True),
+                name="outbox_unconsumed_idx",
             ),
         ]
 
@@ -195,6 +211,7 @@ class InboxMessage(models.Model):
     class Meta:
         ordering = ["-received_at"]
         constraints = [models.UniqueConstraint(fields=["consumer", "event_id"], name="inbox_once_per_consumer")]
+        indexes = [models.Index(fields=["received_at"], name="inbox_received_idx")]  # retention, oldest first
 
     def __str__(self) -> str:
         return f"{self.consumer} <- {self.event_type} {self.event_id}"
@@ -202,7 +219,8 @@ class InboxMessage(models.Model):
 
 class ConsumerDelivery(models.Model):
     """How often an event was delivered to a consumer, counted before the handler runs (and
-    committed on its own), so a handler that kills its worker every time is given up on."""
+    committed on its own), so a handler that kills its worker every time is given up on. Pruned
+    with the consumer's inbox row for the event (sagas.retention)."""
 
     consumer = models.CharField(max_length=100)
     event_id = models.UUIDField()
@@ -300,11 +318,14 @@ class ParkedDelivery(models.Model):
 
 
 class HousekeepingRun(models.Model):
-    """When each periodic engine task (the sweeper above all) last ran: health calls the system
-    degraded when the sweeper stopped (beat or the control worker is down or stuck)."""
+    """When each periodic task (the sweeper above all) last ran and what it did: health calls the
+    system degraded when the sweeper stopped (beat or the control worker is down or stuck); a
+    retention task that keeps stopping at its time budget is falling behind."""
 
     task = models.CharField(max_length=100, unique=True)
     ran_at = models.DateTimeField()
+    count = models.PositiveBigIntegerField(default=0, help_text="what the last run did: sagas re-driven, deliveries sent, rows deleted")
+    more = models.BooleanField(default=False, help_text="the last run stopped at its time budget with work left; the next one goes on")
 
     def __str__(self) -> str:
         return f"{self.task} at {self.ran_at:%H:%M:%S}"

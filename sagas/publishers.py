@@ -11,7 +11,10 @@ crash, so consumers dedupe by `event.id`. A Kafka publisher would produce to top
 `events.<aggregate_type>` keyed by `aggregate_id` and plug in through settings.OUTBOX_PUBLISHER
 without touching the relay. What the publisher must commit together with the relay's marks
 (the stream positions of RedisStreamPublisher) it returns as an `Outcomes` list whose `record`
-the relay calls inside the transaction that marks the batch published.
+the relay calls inside the transaction that marks the batch published. The events it handed to
+in-process consumers (ConsumerTaskPublisher) it names in `Outcomes.awaiting`: the consumers'
+redelivery sweep watches those until each consumer has handled them; any other event is marked
+consumed as it is marked published (OutboxEvent.consumed_at).
 
 A publisher may also have
 
@@ -27,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 
 from django.conf import settings
@@ -43,16 +46,23 @@ log = logging.getLogger("sagas.outbox")
 
 class Outcomes(list):
     """publish()'s outcomes, with `record()`: writes that must commit in the relay's transaction
-    marking the batch published, not before it (see RedisStreamPublisher)."""
+    marking the batch published, not before it (see RedisStreamPublisher); and `awaiting`: the
+    primary keys of the events handed to in-process consumers (see ConsumerTaskPublisher)."""
 
-    def __init__(self, outcomes=(), *, record: Callable[[], None] | None = None):
+    def __init__(self, outcomes=(), *, record: Callable[[], None] | None = None, awaiting: Iterable[int] = ()):
         super().__init__(outcomes)
         self.record = record or (lambda: None)
+        self.awaiting = frozenset(awaiting)
 
 
 def record_of(outcomes) -> Callable[[], None]:
     """What to call in the marking transaction for these outcomes (nothing for a plain list)."""
     return getattr(outcomes, "record", None) or (lambda: None)
+
+
+def awaiting_consumers(outcomes) -> frozenset[int]:
+    """The events these outcomes handed to in-process consumers (none for a plain list)."""
+    return getattr(outcomes, "awaiting", frozenset())
 
 
 class PublishDeferred(Exception):
@@ -149,7 +159,8 @@ class RedisStreamPublisher:
 
 class ConsumerTaskPublisher:
     """Hand each event to the in-process consumers subscribed to its type, one Celery task per
-    consumer (see sagas.consumers). With no subscriber, an event is simply marked published."""
+    consumer (see sagas.consumers). With no subscriber, an event is simply marked published (and
+    consumed: the redelivery sweep watches only the events it sent to a consumer)."""
 
     name = "consumer-tasks"
 
@@ -159,13 +170,15 @@ class ConsumerTaskPublisher:
         from sagas.consumers import deliver
 
         outcomes: list[BaseException | None] = []
+        awaiting = []
         for event in events:
             try:
-                deliver(event)
+                if deliver(event):
+                    awaiting.append(event.pk)
                 outcomes.append(None)
             except OperationalError as exc:
                 outcomes.append(exc)
-        return outcomes
+        return Outcomes(outcomes, awaiting=awaiting)
 
 
 class AllPublishers:
@@ -178,13 +191,14 @@ class AllPublishers:
 
     def publish(self, events: Sequence[OutboxEvent]) -> list[BaseException | None]:
         outcomes: list[BaseException | None] = [None] * len(events)
-        records = []
+        records, awaiting = [], set()
         for publisher in self.publishers:
             published = publisher.publish(events)
             records.append(record_of(published))
+            awaiting |= awaiting_consumers(published)
             for n, error in enumerate(published):
                 outcomes[n] = outcomes[n] or error
-        return Outcomes(outcomes, record=lambda: [record() for record in records])
+        return Outcomes(outcomes, record=lambda: [record() for record in records], awaiting=awaiting)
 
     def verify(self, *, force: bool = False) -> int:
         return sum(publisher.verify(force=force) for publisher in self.publishers if hasattr(publisher, "verify"))

@@ -14,6 +14,13 @@ committed out of sequence order is simply claimed by a later round. A failing ev
 with exponential backoff and jitter and, after settings.OUTBOX_MAX_ATTEMPTS, parked in the dead
 letter; it holds back only its own aggregate. An event the publisher defers (a stream that lost
 entries is being repaired first, see sagas.streams) is simply tried again a second later.
+
+A round costs what its batch costs, however long the backlog: the heads are found by reading the
+oldest unpublished events once, in sequence order (an aggregate's first one there is its head),
+not by asking for each candidate whether an older event of its aggregate is unpublished. That
+anti-join is what PostgreSQL misjudges when its statistics predate the backlog (they usually do:
+a backlog builds faster than autovacuum analyses a large table): it rescanned every unpublished
+event for each candidate, 693 ms a round with 5,000 waiting (issue 15).
 """
 
 from __future__ import annotations
@@ -25,13 +32,14 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Q
 from django.utils import timezone
 
-from sagas import metrics
+from sagas import metrics, sql
 from sagas.definition import Retry
 from sagas.models import OutboxEvent
-from sagas.publishers import PublishDeferred, record_of
+from sagas.publishers import PublishDeferred, awaiting_consumers, record_of
+from sagas.retention import PruneRun, oldest_batch, prune_in_batches
 
 log = logging.getLogger("sagas.outbox")
 
@@ -78,15 +86,35 @@ def due(now: datetime):
     )
 
 
-def claimable(now: datetime):
-    """Due events with no earlier unpublished event of their aggregate."""
-    earlier = OutboxEvent.objects.filter(
-        aggregate_type=OuterRef("aggregate_type"),
-        aggregate_id=OuterRef("aggregate_id"),
-        published_at__isnull=True,
-        sequence__lt=OuterRef("sequence"),
+def claimable(now: datetime, *, scan: int | None = None):
+    """Due events with no earlier unpublished event of their aggregate (heads), oldest first, among
+    the oldest `scan` unpublished events (default: twice OUTBOX_BATCH_SIZE). Reads those at once to
+    find the heads (see heads); the queryset re-checks that each is still due when evaluated."""
+    found, _more = heads(now=now, scan=scan or 2 * settings.OUTBOX_BATCH_SIZE)
+    return due(now).filter(pk__in=found).order_by("sequence")
+
+
+def heads(*, now: datetime, scan: int) -> tuple[list[int], bool]:
+    """The sequence numbers of the due heads among the oldest `scan` unpublished events, oldest
+    first, and whether more unpublished events lie past those. One statement, one walk of
+    outbox_unpublished_idx: in sequence order an aggregate's first unpublished event is its head,
+    so everything after it is held back, as is every aggregate whose head is not due (leased to
+    another relay, backing off, or parked in the dead letter, which holds back its aggregate only)."""
+    oldest = (
+        OutboxEvent.objects.filter(published_at__isnull=True)
+        .order_by("sequence")
+        .values_list("sequence", "aggregate_type", "aggregate_id", "dead_lettered_at", "next_attempt_at")[:scan]
     )
-    return due(now).exclude(Exists(earlier)).order_by("sequence")
+    seen: set[tuple[str, str]] = set()
+    found, read = [], 0
+    for sequence, aggregate_type, aggregate_id, dead_lettered_at, next_attempt_at in oldest:
+        read += 1
+        if (aggregate_type, aggregate_id) in seen:
+            continue
+        seen.add((aggregate_type, aggregate_id))
+        if dead_lettered_at is None and (next_attempt_at is None or next_attempt_at <= now):
+            found.append(sequence)
+    return found, read == scan
 
 
 def outbox_relay(*, publisher, batch_size: int | None = None, time_budget: float | None = None) -> RelayResult:
@@ -122,17 +150,15 @@ def _relay_round(*, publisher, batch_size: int, policy: Retry, now: datetime) ->
     # events by this time (sagas.streams), so it must not be earlier than the publication.
     published_at = timezone.now()
     with transaction.atomic():
-        # Only events still unpublished: a relay that outlived its lease may find them published.
-        waiting = OutboxEvent.objects.filter(published_at__isnull=True)
         published = [event.pk for event, error in zip(events, outcomes, strict=True) if error is None]
-        waiting.filter(pk__in=published).update(published_at=published_at, next_attempt_at=None)
+        _mark_published(published, published_at=published_at, awaiting=awaiting_consumers(outcomes))
         result.published = len(published)
         sent = [event for event, error in zip(events, outcomes, strict=True) if error is None]
         metrics.after_commit(lambda: metrics.outbox_published(sent, now=published_at))
         record_of(outcomes)()  # what the publisher commits with the marks (stream positions)
         deferred = [event.pk for event, error in zip(events, outcomes, strict=True) if isinstance(error, PublishDeferred)]
         if deferred:
-            waiting.filter(pk__in=deferred).update(next_attempt_at=now + DEFER)
+            sql.outbox_update(deferred, unpublished_only=True, next_attempt_at=now + DEFER)
             result.deferred = len(deferred)
         for event, error in zip(events, outcomes, strict=True):
             if error is not None and not isinstance(error, PublishDeferred):
@@ -140,10 +166,24 @@ def _relay_round(*, publisher, batch_size: int, policy: Retry, now: datetime) ->
     return result, len(events)
 
 
+def _mark_published(sequences: list[int], *, published_at: datetime, awaiting: frozenset[int]) -> None:
+    """Mark these events published, those still unpublished (a relay that outlived its lease may
+    find them published already). One that no in-process consumer was sent needs nothing from
+    the redelivery sweep: consumed as it is published; the others stay watched until the sweep
+    finds that each of their consumers has handled them (sagas.consumers)."""
+    done = {"published_at": published_at, "next_attempt_at": None}
+    sql.outbox_update([s for s in sequences if s not in awaiting], unpublished_only=True, consumed_at=published_at, **done)
+    sql.outbox_update([s for s in sequences if s in awaiting], unpublished_only=True, **done)
+
+
 def _claim(*, batch_size: int, now: datetime) -> list[OutboxEvent]:
     """Lease up to batch_size due heads to this relay; [] when none is due. Looks with a plain
-    read first (cheaper than the heads' anti-join): with nothing due no write transaction is
-    begun, which on SQLite takes the database's write lock (transaction_mode IMMEDIATE)."""
+    read first: with nothing due no write transaction is begun, which on SQLite takes the
+    database's write lock (transaction_mode IMMEDIATE).
+
+    Heads another relay is claiming right now are skipped (SKIP LOCKED), so several relays take
+    different batches; when the oldest batch_size unpublished events yield too few heads (other
+    relays hold them, or aggregates held back fill them), a longer stretch is read."""
     if not due(now).exists():
         return []
     with transaction.atomic():
@@ -152,8 +192,20 @@ def _claim(*, batch_size: int, now: datetime) -> list[OutboxEvent]:
             # need not wait for the disk (SQLite's synchronous=NORMAL does not either).
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL synchronous_commit = off")
-        events = list(claimable(now).select_for_update(skip_locked=True)[:batch_size])
-        OutboxEvent.objects.filter(pk__in=[event.pk for event in events]).update(next_attempt_at=now + CLAIM_LEASE)
+        events: list[OutboxEvent] = []
+        tried: set[int] = set()
+        scan = batch_size
+        while True:
+            found, more = heads(now=now, scan=scan)
+            untried = [sequence for sequence in found if sequence not in tried]
+            while untried and len(events) < batch_size:
+                chunk, untried = untried[: batch_size - len(events)], untried[batch_size - len(events) :]
+                tried.update(chunk)
+                events += sql.outbox_lock_due(chunk, now=now)
+            if len(events) >= batch_size or not more:
+                break
+            scan *= 4
+        sql.outbox_update([event.pk for event in events], next_attempt_at=now + CLAIM_LEASE)
     return events
 
 
@@ -197,9 +249,20 @@ def outbox_replay(*, event_ids) -> int:
     )
 
 
-def outbox_cleanup(*, now: datetime | None = None, retention: timedelta | None = None) -> int:
-    """Delete events published longer ago than the retention period; never an unpublished one."""
+def outbox_cleanup(
+    *, now: datetime | None = None, retention: timedelta | None = None, batch_size: int | None = None, time_budget: float | None = None
+) -> PruneRun:
+    """Delete events published longer ago than the retention period, never an unpublished one:
+    oldest first through outbox_published_idx, in batches of `batch_size` (each its own short
+    transaction) for at most `time_budget` seconds; the next run goes on where this one stopped."""
     now = now or timezone.now()
-    retention = retention or timedelta(hours=settings.OUTBOX_RETENTION_HOURS)
-    deleted, _ = OutboxEvent.objects.filter(published_at__isnull=False, published_at__lt=now - retention).delete()
-    return deleted
+    cutoff = now - (retention or timedelta(hours=settings.OUTBOX_RETENTION_HOURS))
+    expired = OutboxEvent.objects.filter(published_at__isnull=False, published_at__lt=cutoff)
+
+    def delete_batch(size: int) -> int:
+        with transaction.atomic():
+            sequences = oldest_batch(expired, order_by="published_at", size=size)
+            OutboxEvent.objects.filter(pk__in=sequences).delete()
+        return len(sequences)
+
+    return prune_in_batches(delete_batch, batch_size=batch_size, time_budget=time_budget)

@@ -24,7 +24,7 @@ from sagas.definition import COMPENSATE, FORWARD, Failure, Outcome, Saga, get_de
 from sagas.exceptions import SagaError, SagaIdempotencyConflict, SagaStateConflict, UnknownSagaDefinition
 from sagas.locks import lock_saga, lock_steps
 from sagas.log import transition
-from sagas.models import ACTIVE_STATES, TERMINAL_STATES, SagaInstance, SagaState, StepExecution, StepState
+from sagas.models import ACTIVE_STATES, TERMINAL_STATES, HousekeepingRun, SagaInstance, SagaState, StepExecution, StepState
 from sagas.selectors import sagas_stuck
 
 log = logging.getLogger("sagas")
@@ -205,6 +205,12 @@ def _redrive(saga: SagaInstance, definition: Saga, *, now: datetime, by: str) ->
     saga.save(update_fields=["redrives", "stuck_after"])
     log.warning("saga_redrive saga=%s name=%s state=%s redrives=%s by=%s", saga.id, saga.name, saga.state, saga.redrives, by)
     saga_advance(saga, definition, now=now, redrive=True)
+
+
+def housekeeping_record(*, task: str, now: datetime, count: int = 0, more: bool = False) -> None:
+    """Record a run of a periodic task (HousekeepingRun): when it ran, what it did (`count`), and
+    whether it stopped at its time budget with work left (`more`)."""
+    HousekeepingRun.objects.update_or_create(task=task, defaults={"ran_at": now, "count": count, "more": more})
 
 
 # --- decisions shared by the runner, the errback, the sweeper and the operator actions ----------

@@ -13,6 +13,7 @@ Tested in sagas/tests/test_sql.py on both backends.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from uuid import UUID
@@ -102,6 +103,47 @@ def outbox_insert(event: OutboxEvent, *, lock_key: str) -> OutboxEvent:
         event.pk = cursor.fetchone()[0]
     event._state.adding, event._state.db = False, conn.alias
     return event
+
+
+def outbox_lock_due(sequences: Sequence[int], *, now: datetime) -> list[OutboxEvent]:
+    """Those of these events (by sequence) that are still due at `now` (unpublished, not parked,
+    not leased or backing off), row-locked, every field loaded, oldest first; rows another
+    transaction holds are left out (SKIP LOCKED), and the due check is made again on each row's
+    latest version once locked. Inside transaction.atomic (SQLite: no row locks, its writers are
+    serial).
+
+    The rows are named as `sequence = ANY(array)`: one parameter, so the statement's text never
+    changes, and an index condition on the key of every index that could serve it, so it reads
+    these rows and no others whatever the statistics say (a join or anti-join with the unpublished
+    events is what the planner misjudges when its statistics predate a backlog; see sagas.relay)."""
+    if not sequences:
+        return []
+    conn = connections[DEFAULT_DB_ALIAS]
+    shapes = _shapes(conn)
+    when = OutboxEvent._meta.get_field("next_attempt_at").get_db_prep_save(now, conn)
+    with conn.cursor() as cursor:
+        cursor.execute(shapes.outbox_lock_due, [_sequences(sequences, conn), when])
+        rows = cursor.fetchall()
+    return [_instance(OutboxEvent, shapes.outbox_all_fields, row, conn) for row in rows]
+
+
+def outbox_update(sequences: Sequence[int], *, unpublished_only: bool = False, **values) -> int:
+    """Set these fields (name=value) of these events (by sequence, as outbox_lock_due names them),
+    or only of those still unpublished; returns how many rows. One statement."""
+    if not sequences:
+        return 0
+    conn = connections[DEFAULT_DB_ALIAS]
+    meta, q = OutboxEvent._meta, conn.ops.quote_name
+    names = tuple(sorted(values))
+    key = ("outbox_update", names, unpublished_only, conn.vendor)
+    if key not in _by_vendor:
+        assignments = ", ".join(f"{q(meta.get_field(name).column)} = %s" for name in names)
+        statement = f"UPDATE {q(meta.db_table)} SET {assignments} WHERE {q(meta.pk.column)} {_shapes(conn).in_array}"
+        _by_vendor[key] = statement + " AND published_at IS NULL" if unpublished_only else statement
+    params = [meta.get_field(name).get_db_prep_save(values[name], conn) for name in names]
+    with conn.cursor() as cursor:
+        cursor.execute(_by_vendor[key], [*params, _sequences(sequences, conn)])
+        return cursor.rowcount
 
 
 def inbox_claim(*, consumer: str, event_id: str, event_type: str, received_at: datetime) -> bool:
@@ -194,6 +236,16 @@ class _Shapes:
         if vendor == "postgresql":
             self.consumer_delivery_count += " RETURNING deliveries"
         self.consumer_delivery_read = f"SELECT deliveries FROM {c} WHERE consumer = %s AND event_id = %s"
+        # A list of sequence numbers as one parameter: an array, or a JSON array SQLite reads.
+        self.in_array = "= ANY(%s)" if vendor == "postgresql" else "IN (SELECT value FROM json_each(%s))"
+        self.outbox_all_fields: list[Field] = list(outbox.concrete_fields)
+        self.outbox_lock_due = (
+            f"SELECT {', '.join(q(f.column) for f in self.outbox_all_fields)} FROM {q(outbox.db_table)} "
+            f"WHERE {q(outbox.pk.column)} {self.in_array} AND published_at IS NULL AND dead_lettered_at IS NULL "
+            f"AND (next_attempt_at IS NULL OR next_attempt_at <= %s) ORDER BY {q(outbox.pk.column)}"
+        )
+        if conn.features.has_select_for_update_skip_locked:
+            self.outbox_lock_due += " FOR UPDATE SKIP LOCKED"
         self.outbox_fields: list[Field] = [f for f in outbox.concrete_fields if f is not outbox.pk]
         placeholders = ", ".join(["%s"] * len(self.outbox_fields))
         self.outbox_insert = (
@@ -230,6 +282,11 @@ def _update_params(instance: Model, names: Sequence[str], conn) -> list:
         params.append(field.get_db_prep_save(getattr(instance, field.attname), conn))
     params.append(meta.pk.get_db_prep_value(instance.pk, conn))
     return params
+
+
+def _sequences(sequences: Sequence[int], conn):
+    values = [int(sequence) for sequence in sequences]
+    return values if conn.vendor == "postgresql" else json.dumps(values)
 
 
 def _saga_pk(saga_id: UUID | str, conn):

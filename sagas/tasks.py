@@ -12,12 +12,11 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 
-from sagas import consumers, dispatch, outbox, relay, runner, services
+from sagas import consumers, dispatch, outbox, relay, retention, runner, services
 from sagas.counting import Counting
 from sagas.definition import COMPENSATE, FORWARD
 from sagas.exceptions import BusinessError, SagaNotFound, UnknownSagaDefinition
 from sagas.log import step_context_begin, step_context_end
-from sagas.models import HousekeepingRun
 from sagas.publishers import configured_publisher
 from sagas.rejects import message_reject_record
 
@@ -181,7 +180,7 @@ def step_failed(self, failed_task_id: str, *, saga_id: str, step: str, direction
 def sweep() -> dict:
     now = timezone.now()
     counts = services.saga_sweep(now=now)
-    HousekeepingRun.objects.update_or_create(task="sagas.sweep", defaults={"ran_at": now})  # for health
+    services.housekeeping_record(task="sagas.sweep", now=now, count=sum(counts.values()))  # for health
     if any(counts.values()):
         log.info("saga_sweep overdue=%s redriven=%s", counts["overdue"], counts["redriven"])
     return counts
@@ -202,7 +201,34 @@ def relay_outbox() -> dict:
 
 @shared_task(base=EngineTask, name="sagas.outbox_cleanup", acks_late=True, ignore_result=True, **INFRASTRUCTURE_RETRY)
 def outbox_cleanup() -> int:
-    return relay.outbox_cleanup()
+    now = timezone.now()
+    run = relay.outbox_cleanup(now=now)
+    services.housekeeping_record(task="sagas.outbox_cleanup", now=now, count=run.deleted, more=run.more)
+    return run.deleted
+
+
+@shared_task(base=EngineTask, name="sagas.prune_sagas", acks_late=True, ignore_result=True, **INFRASTRUCTURE_RETRY)
+def prune_sagas() -> int:
+    """Settled sagas past SAGAS_RETENTION_DAYS (0: kept forever), with their steps."""
+    return _prune("sagas.prune_sagas", retention.sagas_prune, settings.SAGAS_RETENTION_DAYS)
+
+
+@shared_task(base=EngineTask, name="sagas.prune_inbox", acks_late=True, ignore_result=True, **INFRASTRUCTURE_RETRY)
+def prune_inbox() -> int:
+    """Inbox rows and delivery counts past SAGAS_INBOX_RETENTION_DAYS (0: kept forever)."""
+    return _prune("sagas.prune_inbox", retention.inbox_prune, settings.SAGAS_INBOX_RETENTION_DAYS)
+
+
+def _prune(task: str, prune, days: float) -> int:
+    period = retention.retention_period(days)
+    if period is None:
+        return 0
+    now = timezone.now()
+    run = prune(now=now, retention=period)
+    services.housekeeping_record(task=task, now=now, count=run.deleted, more=run.more)
+    if run.deleted:
+        log.info("%s deleted=%s batches=%s more=%s", task, run.deleted, run.batches, run.more)
+    return run.deleted
 
 
 @shared_task(base=EngineTask, bind=True, name="sagas.consume_event", acks_late=True, reject_on_worker_lost=True, max_retries=None, **INFRASTRUCTURE_RETRY)
@@ -238,8 +264,11 @@ def consume_event(self, *, consumer: str, message: dict, redelivery: bool = Fals
 def consumers_redeliver() -> int:
     if "consumers" not in settings.OUTBOX_PUBLISHER:
         return 0  # events go to external consumers only
-    return consumers.consumers_redeliver(
-        now=timezone.now(),
+    now = timezone.now()
+    sent = consumers.consumers_redeliver(
+        now=now,
         min_age=timedelta(seconds=settings.CONSUMER_REDELIVER_AFTER),
         window=timedelta(hours=settings.CONSUMER_REDELIVER_WINDOW_HOURS),
     )
+    services.housekeeping_record(task="sagas.consumers_redeliver", now=now, count=sent)
+    return sent

@@ -101,7 +101,7 @@ def test_the_sweeper_the_relay_and_the_redelivery_sweep_leave_the_history_alone(
     assert saga_sweep(now=later) == {"overdue": 0, "redriven": 0}
     assert list(relay.claimable(later)) == []
     assert consumers.consumers_redeliver(now=timezone.now(), min_age=timedelta(0), window=timedelta(days=30)) == 0
-    assert relay.outbox_cleanup(now=timezone.now()) == 0  # inside the retention
+    assert relay.outbox_cleanup(now=timezone.now()).deleted == 0  # inside the retention
 
 
 @postgres_only
@@ -166,7 +166,7 @@ def hot_path_plans(fn) -> list[list[str]]:
     ("path", "fn", "index"),
     [
         ("consumers redelivery sweep", lambda: consumers.consumers_redeliver(
-            now=timezone.now(), min_age=timedelta(seconds=60), window=timedelta(hours=24)), "outbox_published_idx"),
+            now=timezone.now(), min_age=timedelta(seconds=60), window=timedelta(hours=24)), "outbox_unconsumed_idx"),
         ("outbox cleanup", lambda: relay.outbox_cleanup(), "outbox_published_idx"),
         ("health's outbox rate", lambda: outbox_stats(now=timezone.now()), "outbox_published_idx"),
         ("health's outbox backlog", lambda: outbox_stats(now=timezone.now()), "outbox_unpublished_idx"),

@@ -237,3 +237,58 @@ def test_a_handler_runs_without_savepoints_unless_it_asks_for_them():
 
     assert consume(consumer="test-catching-savepoints", message=message(event)) is True
     assert [e.step for e in Effect.objects.filter(saga_id=event.aggregate_id).order_by("id")] == ["first", "after"]
+
+
+# --- the redelivery sweep reads what is live ----------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_event_no_in_process_consumer_was_sent_is_consumed_as_it_is_published():
+    from sagas.relay import outbox_relay
+
+    with transaction.atomic():
+        wanted = outbox_emit(aggregate_type="thing", aggregate_id=uuid.uuid4(), event_type="THING_HAPPENED", payload={})
+        unwanted = outbox_emit(aggregate_type="thing", aggregate_id=uuid.uuid4(), event_type="NOBODY_WANTS_THIS", payload={})
+
+    outbox_relay(publisher=ConsumerTaskPublisher())
+    wanted.refresh_from_db()
+    unwanted.refresh_from_db()
+
+    assert unwanted.published_at is not None and unwanted.consumed_at == unwanted.published_at
+    assert wanted.published_at is not None and wanted.consumed_at is None, "watched until test-recorder has it"
+    consume(consumer="test-recorder", message=message(wanted))
+    later = timezone.now() + timedelta(minutes=5)
+    assert consumers_redeliver(now=later, min_age=timedelta(seconds=60), window=timedelta(hours=1)) == 0
+    wanted.refresh_from_db()
+    assert wanted.consumed_at == later, "handled by every consumer it was sent to: no longer watched"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_event_past_the_redelivery_window_is_no_longer_watched_nor_sent():
+    lost = an_event()
+    now = timezone.now()
+    OutboxEvent.objects.filter(pk=lost.pk).update(published_at=now - timedelta(hours=2))
+
+    sent = consumers_redeliver(now=now, min_age=timedelta(seconds=60), window=timedelta(hours=1))
+
+    lost.refresh_from_db()
+    assert sent == 0 and lost.consumed_at == now
+
+
+@pytest.mark.services(reason="counts the rows PostgreSQL reads (EXPLAIN ANALYZE)")
+@pytest.mark.django_db(transaction=True)
+def test_the_redelivery_sweep_reads_the_events_it_still_watches_not_every_event_of_its_window():
+    from tests.scan_helpers import rows_read
+
+    with transaction.atomic():
+        handled = [outbox_emit(aggregate_type="thing", aggregate_id=uuid.uuid4(), event_type="THING_HAPPENED", payload={}) for _ in range(600)]
+    for event in handled:
+        consume(consumer="test-recorder", message=message(event))
+    lost = an_event()
+    now = timezone.now()
+    OutboxEvent.objects.update(published_at=now - timedelta(minutes=10))
+    assert consumers_redeliver(now=now, min_age=timedelta(seconds=60), window=timedelta(hours=1)) == 1  # finds the handled ones
+
+    read = rows_read(lambda: consumers_redeliver(now=now, min_age=timedelta(seconds=60), window=timedelta(hours=1)), "sagas_outboxevent")
+
+    assert read <= 5, f"the sweep read {read} outbox rows to find the one still lacking ({lost.id})"

@@ -200,9 +200,9 @@ def test_cleanup_deletes_only_published_events_older_than_the_retention():
     OutboxEvent.objects.filter(pk=recent.pk).update(published_at=now - timedelta(hours=1))
     OutboxEvent.objects.filter(pk=unpublished.pk).update(created_at=now - timedelta(days=300))
 
-    deleted = outbox_cleanup(now=now, retention=timedelta(days=7))
+    run = outbox_cleanup(now=now, retention=timedelta(days=7))
 
-    assert deleted == 1
+    assert run.deleted == 1
     assert set(OutboxEvent.objects.values_list("event_type", flat=True)) == {"RECENT", "UNPUBLISHED"}
 
 
@@ -445,3 +445,45 @@ def test_two_transactions_emitting_for_one_aggregate_publish_in_commit_order():
     outbox_relay(publisher=recorder)
 
     assert [t for _, t, _ in recorder.published] == ["FIRST", "SECOND"]
+
+
+# --- a round costs what its batch costs -------------------------------------------------------------
+
+
+@pytest.mark.services(reason="counts the rows PostgreSQL reads (EXPLAIN ANALYZE)")
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_reads_what_its_batch_needs_however_long_the_backlog_and_however_old_the_statistics(settings):
+    from sagas import relay
+    from tests.scan_helpers import rows_read, statistics_reset, statistics_taken_now
+
+    settings.OUTBOX_RELAY_KICK = False
+    for n in range(1000):
+        emit(str(n % 200), "EARLIER")
+    outbox_relay(publisher=Recorder())
+    statistics_taken_now(OutboxEvent._meta.db_table)  # before the backlog: as autovacuum usually leaves them
+    try:
+        with transaction.atomic():
+            for n in range(3000):
+                outbox_emit(aggregate_type="thing", aggregate_id=str(n), event_type="WAITING", payload={})
+
+        read = rows_read(lambda: relay._claim(batch_size=50, now=timezone.now()), OutboxEvent._meta.db_table)
+    finally:
+        statistics_reset(OutboxEvent._meta.db_table)
+
+    assert read <= 4 * 50, f"one claim of 50 read {read} rows of a 3,000-event backlog"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_events_held_back_behind_a_parked_head_do_not_keep_a_round_from_the_other_aggregates(settings):
+    settings.OUTBOX_MAX_ATTEMPTS = 1
+    recorder = Recorder()
+    recorder.failing.add("stuck")
+    for n in range(7):
+        emit("stuck", f"STUCK_{n}")
+    free = emit("free", "FREE")
+
+    outbox_relay(publisher=recorder, batch_size=2)
+
+    assert recorder.published == [("free", "FREE", free.sequence)]
+    assert OutboxEvent.objects.filter(aggregate_id="stuck", dead_lettered_at__isnull=False).count() == 1
+    assert OutboxEvent.objects.filter(aggregate_id="stuck", published_at__isnull=True).count() == 7

@@ -2,6 +2,7 @@
 The soak itself runs in CI as `make chaos-short`, not here."""
 
 import random
+import uuid
 from datetime import timedelta
 from decimal import Decimal
 
@@ -325,3 +326,39 @@ def test_the_local_ports_of_a_processs_connections_to_a_server_are_found(tmp_pat
             ports = tcp_client_ports(os.getpid(), server.getsockname()[1])
 
             assert ports == [client.getsockname()[1]]
+
+
+@pytest.mark.services(reason="counts the rows PostgreSQL reads (EXPLAIN ANALYZE)")
+def test_a_runs_own_invariant_check_reads_its_orders_payments_and_the_held_stock_not_the_history():
+    from django.db import connection
+
+    from inventory.services import stock_commit, stock_reserve
+    from orders.selectors import shop_invariant_violations
+    from orders.models import Order
+    from tests.scan_helpers import rows_read
+
+    product = a_product(price="10.00", on_hand=10_000)
+    with transaction.atomic():
+        for n in range(150):  # the history: other orders' payments and settled reservations
+            charge(f"old-{n}:payment", f"old-{n}")
+            saga_id = uuid.uuid4()
+            stock_reserve(saga_id=saga_id, order_id=saga_id, quantities={product.pk: 1}, now=timezone.now())
+            stock_commit(saga_id=saga_id, now=timezone.now())
+    order = an_order(lines=(("SKU-1", 2),))
+    with transaction.atomic():
+        charge(f"{order.saga_id}:process_payment", str(order.id))
+    Order.objects.filter(pk=order.pk).update(status=OrderStatus.CONFIRMED)
+    this_run = Order.objects.filter(pk=order.pk)
+
+    with connection.cursor() as cursor:
+        cursor.execute("SET enable_seqscan = off")  # a few hundred rows: what counts is that an index can serve it
+    try:
+        assert shop_invariant_violations(this_run) == []
+        payments = rows_read(lambda: shop_invariant_violations(this_run), "payments_payment")
+        reservations = rows_read(lambda: shop_invariant_violations(this_run), "inventory_reservation")
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET enable_seqscan")
+
+    assert payments <= 2, f"read {payments} payments to check one order"
+    assert reservations == 0, f"read {reservations} settled reservations to add up what is held"

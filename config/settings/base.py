@@ -168,9 +168,32 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": env_float("CONSUMER_REDELIVER_INTERVAL", 60.0)},
     },
 }
+# History retention (see "Retention" in the README): each task deletes in batches of
+# RETENTION_BATCH_SIZE rows for at most RETENTION_TIME_BUDGET seconds, every RETENTION_INTERVAL.
+RETENTION_INTERVAL = env_float("RETENTION_INTERVAL", 600.0)
+RETENTION_BATCH_SIZE = env_int("RETENTION_BATCH_SIZE", 500)
+RETENTION_TIME_BUDGET = env_float("RETENTION_TIME_BUDGET", 10.0)
+CELERY_BEAT_SCHEDULE.update(
+    {
+        f"prune-{name}": {"task": task, "schedule": timedelta(seconds=RETENTION_INTERVAL), "options": {"expires": RETENTION_INTERVAL}}
+        for name, task in (
+            ("sagas", "sagas.prune_sagas"),
+            ("inbox", "sagas.prune_inbox"),
+            ("idempotency-records", "orders.prune_idempotency_records"),
+            ("reservations", "inventory.prune_reservations"),
+        )
+    }
+)
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 # --- Saga engine ------------------------------------------------------------------------------
+# Days a settled saga (COMPLETED or COMPENSATED) is kept, with its steps, after it finished; then
+# it is pruned (an order keeps a summary). FAILED and running sagas are never pruned. 0: kept forever.
+SAGAS_RETENTION_DAYS = env_float("SAGAS_RETENTION_DAYS", 30.0)
+# Days a consumer's inbox row (and delivery count) is kept. It must outlast every way an event can
+# come again: the outbox retention (a stream repaired from it) and the redelivery window (checked
+# at start-up, sagas.checks). 0: kept forever.
+SAGAS_INBOX_RETENTION_DAYS = env_float("SAGAS_INBOX_RETENTION_DAYS", 30.0)
 # Fault injection lets tests and demos make a named step fail; it costs one query per step.
 SAGAS_FAULT_INJECTION = env_bool("SAGAS_FAULT_INJECTION", False)
 # How long past a step's timeout the sweeper waits before re-driving a saga that made no progress.
@@ -235,6 +258,12 @@ PAYMENTS_PROVIDER_PATH = env_str("PAYMENTS_PROVIDER_PATH", str(VAR_DIR / "paymen
 ORDER_PAYMENT_DEADLINE = env_float("ORDER_PAYMENT_DEADLINE", 900.0)
 # Orders one customer may have pending at once through the API; one more is answered 429.
 ORDER_MAX_PENDING_PER_CUSTOMER = env_int("ORDER_MAX_PENDING_PER_CUSTOMER", 20)
+# Days an Idempotency-Key of POST /api/orders/ is remembered; after that the same key places a new
+# order. 0: kept forever.
+ORDER_IDEMPOTENCY_RETENTION_DAYS = env_float("ORDER_IDEMPOTENCY_RETENTION_DAYS", 30.0)
+# Days a settled stock reservation (released, or committed when its order shipped) is kept after it
+# settled. Held ones are never pruned. 0: kept forever.
+INVENTORY_RESERVATION_RETENTION_DAYS = env_float("INVENTORY_RESERVATION_RETENTION_DAYS", 30.0)
 
 # --- REST API -----------------------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -90,6 +90,49 @@ def test_outbox_insert_writes_the_row_the_orm_would_with_increasing_sequence_num
 
 
 @pytest.mark.django_db(transaction=True)
+def test_outbox_lock_due_reads_the_due_events_among_those_named_as_the_orm_would_oldest_first():
+    now = timezone.now()
+    with transaction.atomic():
+        events = [
+            sql.outbox_insert(OutboxEvent(aggregate_type="unit", aggregate_id=f"a-{n}", event_type="E", payload={"n": n, "amount": "1.50"}, created_at=now), lock_key=f"k{n}")
+            for n in range(5)
+        ]
+    due, published, parked, leased, backing_off_past = events
+    OutboxEvent.objects.filter(pk=published.pk).update(published_at=now)
+    OutboxEvent.objects.filter(pk=parked.pk).update(dead_lettered_at=now)
+    OutboxEvent.objects.filter(pk=leased.pk).update(next_attempt_at=now + timedelta(seconds=60))
+    OutboxEvent.objects.filter(pk=backing_off_past.pk).update(next_attempt_at=now - timedelta(seconds=1))
+
+    with transaction.atomic():
+        locked = sql.outbox_lock_due([e.pk for e in reversed(events)], now=now)
+
+    assert [e.pk for e in locked] == [due.pk, backing_off_past.pk]
+    assert [as_dict(e) for e in locked] == [as_dict(OutboxEvent.objects.get(pk=e.pk)) for e in locked]
+    assert sql.outbox_lock_due([], now=now) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_outbox_update_sets_the_named_fields_of_the_named_events_or_only_the_unpublished_ones():
+    now = timezone.now()
+    with transaction.atomic():
+        events = [
+            sql.outbox_insert(OutboxEvent(aggregate_type="unit", aggregate_id="a", event_type="E", payload={}, created_at=now), lock_key="k")
+            for _ in range(3)
+        ]
+    first, second, untouched = events
+    OutboxEvent.objects.filter(pk=second.pk).update(published_at=now - timedelta(hours=1))
+
+    leased = sql.outbox_update([first.pk, second.pk], next_attempt_at=now)
+    marked = sql.outbox_update([first.pk, second.pk], unpublished_only=True, published_at=now, consumed_at=None)
+
+    assert (leased, marked) == (2, 1)
+    rows = {e.pk: e for e in OutboxEvent.objects.all()}
+    assert (rows[first.pk].published_at, rows[first.pk].next_attempt_at) == (now, now)
+    assert rows[second.pk].published_at == now - timedelta(hours=1), "published already: left alone"
+    assert rows[untouched.pk].next_attempt_at is None and rows[untouched.pk].published_at is None
+
+
+@pytest.mark.django_db(transaction=True)
 def test_lock_saga_and_steps_sets_the_wait_limits_before_it_waits_for_a_lock(sent):
     """The limits ride on the locking read: its own wait for a saga row that another transaction
     holds already ends at the step's lock timeout (a third of the step timeout), not never."""
