@@ -452,3 +452,15 @@ def test_cancelling_orders_reports_each_outcome_and_goes_through_the_order_servi
     )
     assert reported[str(refunded.id)] == (messages.INFO, f"order {refunded.id} was already cancelled")
     assert reported[str(not_started.id)] == (messages.SUCCESS, f"order {not_started.id} cancelled")
+
+
+def test_the_user_list_counts_by_estimate_and_finds_a_user_by_exact_name_or_email(admin_client):
+    from django.contrib.auth import get_user_model
+
+    get_user_model().objects.create_user("carol", email="carol@example.com", password="x")
+    found = admin_client.get(reverse("admin:auth_user_changelist"), {"q": "CAROL@example.com"})
+    by_part = admin_client.get(reverse("admin:auth_user_changelist"), {"q": "caro"})
+
+    assert [u.username for u in found.context["cl"].result_list] == ["carol"]
+    assert list(by_part.context["cl"].result_list) == [], "no LIKE over the users: whole names only"
+    assert found.context["cl"].show_full_result_count is False
