@@ -42,7 +42,7 @@ from django.utils import timezone
 from sagas import interceptors, metrics, sql
 from sagas.counting import Counting
 from sagas.definition import FORWARD, HARD_LIMIT_GRACE, Saga, Step, StepContext, get_definition
-from sagas.exceptions import BusinessError, InvalidStepResult, StepFailedEarlier, WorkerLostTooOften
+from sagas.exceptions import BusinessError, InvalidStepResult, StepFailedEarlier, UnknownSagaDefinition, WorkerLostTooOften
 from sagas.locks import lock_saga, lock_step
 from sagas.log import step_context_add, transition
 from sagas.models import SagaInstance, SagaState, StepExecution, StepState
@@ -131,6 +131,9 @@ class Delivery:
                     "saga_step_infrastructure_error saga=%s step=%s direction=%s: %s (retried; no attempt or delivery spent)",
                     self.saga_id, self.step_name, self.direction, _first_line(exc),
                 )
+                raise
+            except UnknownSagaDefinition:
+                self._release()  # this worker lacks the definition: the task retries, spending nothing
                 raise
         for interceptor in self.interceptors:
             interceptor.finished(self, result)
