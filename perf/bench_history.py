@@ -69,7 +69,7 @@ class Plan:
         if short:
             return cls(history=history, throughput_sagas=40, throughput_pairs=2, warmup_sagas=10, drain_events=20_000,
                        drain_max_seconds=30, key_sagas=2_000, key_pairs=2, retention_sagas=max(1, history // 5), repeat=3)
-        return cls(history=history, throughput_sagas=300, throughput_pairs=3, warmup_sagas=30, drain_events=100_000,
+        return cls(history=history, throughput_sagas=300, throughput_pairs=5, warmup_sagas=30, drain_events=100_000,
                    drain_max_seconds=120, key_sagas=20_000, key_pairs=3, retention_sagas=max(1, history // 5))
 
 
@@ -152,7 +152,8 @@ def verdicts(results: dict) -> list[dict]:
         if queries(at_n, name) is not None and queries(at_n, ONE_ORDER_PAGE) is not None:
             zero = queries(at_0, name) - queries(at_0, ONE_ORDER_PAGE) if queries(at_0, name) is not None else None
             judge("order_page_extra_queries", name, queries(at_n, name) - queries(at_n, ONE_ORDER_PAGE), zero)
-    judge("drain_events_per_s", f"{results['drain_at_n']['events']:,} events", results["drain_at_n"]["per_s"], results["drain_at_0"]["per_s"])
+    d0, dn = results["drain_at_0"]["as_they_are"], results["drain_at_n"]["as_they_are"]
+    judge("drain_events_per_s", f"{dn['events']:,} events, statistics as they are", dn["per_s"], d0["per_s"])
     retention = results.get("retention") or {}
     if retention.get("available"):
         rows = retention["rows"]
@@ -275,20 +276,25 @@ def _checks_markdown(results: dict, n: int) -> list[str]:
 
 
 def _drain_markdown(results: dict, n: int) -> list[str]:
-    d0, dn = results["drain_at_0"], results["drain_at_n"]
-
     def how(d: dict) -> str:
         if d.get("stopped"):
-            return f"stopped after {d['wall_s']} s with {d['published']:,} of {d['events']:,} published"
-        return f"{d['published']:,} in {d['wall_s']} s"
+            return f"{d['per_s']:,} events/s, stopped after {d['wall_s']} s with {d['published']:,} of {d['events']:,} published"
+        return f"{d['per_s']:,} events/s, {d['published']:,} in {d['wall_s']} s"
 
+    d0, dn = results["drain_at_0"], results["drain_at_n"]
     return [
         "## Relay drain",
         "",
-        f"A backlog of {dn['events']:,} events (5 per aggregate) inserted at once, then drained by one relay publishing to Redis "
-        f"Streams, batch {dn['batch_size']}, from the first event published to the last, with the planner's statistics as they "
-        "were (a backlog below 10% of the table does not make autovacuum analyse it): "
-        f"**{d0['per_s']:,} events/s at 0 ({how(d0)}), {dn['per_s']:,} at {n:,} ({how(dn)})**.",
+        f"A backlog of {dn['as_they_are']['events']:,} events (5 per aggregate) inserted at once, then drained by one relay "
+        f"publishing to Redis Streams, batch {dn['as_they_are']['batch_size']}, timed from the first event published to the last. "
+        "First with the planner's statistics as they were, as a live system has them (autovacuum analyses a table once 10% of "
+        "its rows changed: on a table of millions, never for a backlog of thousands; the target is judged on this one), then "
+        "again with the table analysed first, as `make bench`'s drain does.",
+        "",
+        f"| statistics | at 0 | at {n:,} |",
+        "|---|---|---|",
+        f"| as they are | {how(d0['as_they_are'])} | **{how(dn['as_they_are'])}** |",
+        f"| analysed | {how(d0['analysed'])} | {how(dn['analysed'])} |",
         "",
     ]
 
@@ -324,12 +330,15 @@ def _keys_markdown(keys: dict, n: int) -> list[str]:
         "time-ordered ones (RFC 9562 version 7 layout made in SQL: 48 bits of Unix milliseconds, then random bits), in "
         f"{keys['pairs']} alternated pairs of rounds. The models' keys are unchanged (uuid4).",
         "",
-        "| keys | sagas/s (median) | per round |",
-        "|---|---|---|",
-        f"| random (uuid4) | {keys['uuid4']['median']} | {' / '.join(str(x) for x in keys['uuid4']['rounds'])} |",
-        f"| time-ordered (uuid7) | {keys['uuid7']['median']} | {' / '.join(str(x) for x in keys['uuid7']['rounds'])} |",
+        "| keys | sagas/s (median) | ms of database time per saga with its steps | per round (sagas/s) |",
+        "|---|---|---|---|",
+        *(f"| {label} | {keys[kind]['median']} | {1000 / keys[kind]['median']:.3f} | {' / '.join(str(x) for x in keys[kind]['rounds'])} |"
+          for kind, label in (("uuid4", "random (uuid4)"), ("uuid7", "time-ordered (uuid7)"))),
         "",
-        f"Time-ordered / random, pair by pair: **{keys['ratio']['median']}** ({keys['ratio']['min']}-{keys['ratio']['max']}).",
+        f"Time-ordered / random, pair by pair: **{keys['ratio']['median']}x** the inserts per second "
+        f"({keys['ratio']['min']}-{keys['ratio']['max']}). Only the database's share of a saga is timed here: inserting its rows "
+        "through their indexes, in SQL. A saga through the worker costs tens of ms of CPU besides (see the throughput table), so "
+        "the difference per saga is the one in the middle column.",
         "",
     ]
 

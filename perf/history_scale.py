@@ -5,7 +5,8 @@ in one run. Needs Django set up on the benchmark's PostgreSQL database (perf.ben
 In order:
 1. At 0: a worker places the orders the pages need (a full API page for the bench customer, one
    order for a customer of one order), then every check of `scale_point` is timed, and a backlog of
-   `drain_events` events is drained by one relay.
+   `drain_events` events is drained by one relay, with the planner's statistics as they are and
+   again analysed.
 2. N finished sagas are bulk-loaded (perf.history); storage is measured before and after.
 3. At N: the same checks on the same URLs, and the same drain.
 4. Throughput, alternated: rounds of `place_order` at saturation on a twin database with an empty
@@ -65,7 +66,7 @@ RETENTION_AGE = timedelta(days=400)
 def scale_point(*, pages: dict, repeat: int, backlog: int = BACKLOG_EVENTS) -> dict:
     """Every check of measure_point (the engine's hot paths, health, the order API) plus the relay's
     claim with `backlog` events waiting, the other periodic jobs, every admin list, filter and
-    search of `pages` (admin_pages), the order API for a customer of one order, and place_orders'
+    search of `pages` (admin_lists, admin_filters, admin_searches), the order API for a customer of one order, and place_orders'
     own checks on the bench customer's first orders."""
     one_order = client_for(pages["one_order_customer"])
     claims = backlog_claims(backlog, repeat=repeat)
@@ -220,20 +221,28 @@ def admin_searches(pages: dict) -> dict[str, str | None]:
 # --- drain, storage ----------------------------------------------------------------------------------
 
 
-def drain(count: int, *, max_seconds: float) -> dict:
+def drain(count: int, *, analyze: bool, max_seconds: float) -> dict:
     """A backlog of `count` events drained by one relay (perf.measure.relay_drain: from the first
-    event published to the last), with the planner's statistics as they are (see backlog_claims),
-    given up after `max_seconds`; then deleted with their stream."""
+    event published to the last), given up after `max_seconds`; with `analyze`, the planner's
+    statistics brought up to date first, else as they are (see backlog_claims). Then the events
+    are deleted with their stream, and the relay's memory of it (else the next drain would find
+    the stream lost and recover it first)."""
     import redis
 
     from perf.measure import relay_drain
-    from sagas.models import OutboxEvent
+    from sagas.models import OutboxEvent, OutboxStream
 
-    result = relay_drain(count, analyze=False, max_seconds=max_seconds)
+    result = relay_drain(count, analyze=analyze, max_seconds=max_seconds)
     OutboxEvent.objects.filter(aggregate_type="drain").delete()
+    OutboxStream.objects.filter(name="events.drain").delete()
     redis.Redis.from_url(settings.REDIS_URL).delete("events.drain")
     _vacuum(OutboxEvent._meta.db_table)
     return result
+
+
+def drains(count: int, *, max_seconds: float) -> dict:
+    """The drain with the statistics as they are (judged), then with them analysed (for comparison)."""
+    return {"as_they_are": drain(count, analyze=False, max_seconds=max_seconds), "analysed": drain(count, analyze=True, max_seconds=max_seconds)}
 
 
 def storage() -> dict:
@@ -501,7 +510,7 @@ def scale_run(plan, *, empty_url: str, prunes: dict | None = None) -> dict:
     with part("at 0"):
         results["at_0"] = scale_point(pages=pages, repeat=plan.repeat, backlog=plan.backlog_events)
     with part("drain at 0"):
-        results["drain_at_0"] = drain(plan.drain_events, max_seconds=plan.drain_max_seconds)
+        results["drain_at_0"] = drains(plan.drain_events, max_seconds=plan.drain_max_seconds)
     with part("load"):
         storage_at_0 = storage()
         loaded = history_load(sagas=plan.history)
@@ -519,7 +528,7 @@ def scale_run(plan, *, empty_url: str, prunes: dict | None = None) -> dict:
         results["history_customer_orders"] = pages["history_customer"].orders.count()
         results["at_n"] = scale_point(pages=pages, repeat=plan.repeat, backlog=plan.backlog_events)
     with part("drain at N"):
-        results["drain_at_n"] = drain(plan.drain_events, max_seconds=plan.drain_max_seconds)
+        results["drain_at_n"] = drains(plan.drain_events, max_seconds=plan.drain_max_seconds)
     with part("throughput"):
         connection.close()  # the rounds' processes have the database to themselves
         results["throughput"] = throughput_alternated(
