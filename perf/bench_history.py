@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path, md_path = write_report(out, stem, _without_samples(results), text)
     print(text)
     print(f"\nwrote {md_path.relative_to(REPO) if md_path.is_relative_to(REPO) else md_path} and {json_path.name}")
-    return 0 if all(v["met"] for v in results["verdicts"]) else 1
+    return 0 if all(v["met"] for v in results["verdicts"]) and not results.get("failed") else 1
 
 
 def twin_url(url: str) -> str:
@@ -136,8 +136,9 @@ def verdicts(results: dict) -> list[dict]:
 
     ms = lambda point, name: (point.get(name) or {}).get("ms")  # noqa: E731
     queries = lambda point, name: (point.get(name) or {}).get("queries")  # noqa: E731
-    t = results["throughput"]
-    judge("throughput_ratio", f"place_order, {t['at_0']['median']} -> {t['at_n']['median']} sagas/s", t["ratio"]["median"])
+    t = results.get("throughput")
+    if t:
+        judge("throughput_ratio", f"place_order, {t['at_0']['median']} -> {t['at_n']['median']} sagas/s", t["ratio"]["median"])
     for name in periodic_jobs(at_n):
         judge("periodic_job_ms", name, ms(at_n, name), ms(at_0, name))
     for name, job in (results.get("retention") or {}).get("jobs", {}).items():
@@ -152,8 +153,9 @@ def verdicts(results: dict) -> list[dict]:
         if queries(at_n, name) is not None and queries(at_n, ONE_ORDER_PAGE) is not None:
             zero = queries(at_0, name) - queries(at_0, ONE_ORDER_PAGE) if queries(at_0, name) is not None else None
             judge("order_page_extra_queries", name, queries(at_n, name) - queries(at_n, ONE_ORDER_PAGE), zero)
-    d0, dn = results["drain_at_0"]["as_they_are"], results["drain_at_n"]["as_they_are"]
-    judge("drain_events_per_s", f"{dn['events']:,} events, statistics as they are", dn["per_s"], d0["per_s"])
+    if "drain_at_n" in results:
+        d0, dn = (results.get("drain_at_0") or {}).get("as_they_are") or {}, results["drain_at_n"]["as_they_are"]
+        judge("drain_events_per_s", f"{dn['events']:,} events, statistics as they are", dn["per_s"], d0.get("per_s"))
     retention = results.get("retention") or {}
     if retention.get("available"):
         rows = retention["rows"]
@@ -193,14 +195,20 @@ def markdown(results: dict, *, command: str, machine_line: str) -> str:
     n = results["sagas"]
     lines = [f"# The engine with a long history: 0 and {n:,} finished sagas", "", machine_line,
              f"Mode: {results['mode']}, wall time {results['wall_s']} s. Command: `{command}`.", ""]
+    for part, error in (results.get("failed") or {}).items():
+        lines += [f"**Incomplete: the part \"{part}\" failed, its figures are missing:** `{error.splitlines()[0]}`", ""]
     lines += _targets_markdown(results, n)
     lines += _load_markdown(results, n)
-    lines += _throughput_markdown(results["throughput"], n)
+    if "throughput" in results:
+        lines += _throughput_markdown(results["throughput"], n)
     lines += _checks_markdown(results, n)
-    lines += _drain_markdown(results, n)
+    if "drain_at_0" in results and "drain_at_n" in results:
+        lines += _drain_markdown(results, n)
     lines += _storage_markdown(results["storage"], n, dense=results["load"].get("indexes_set_aside", False))
-    lines += _keys_markdown(results["keys"], n)
-    lines += _retention_markdown(results.get("retention") or {"available": False})
+    if "keys" in results:
+        lines += _keys_markdown(results["keys"], n)
+    if "retention" in results:
+        lines += _retention_markdown(results["retention"])
     return "\n".join(lines)
 
 

@@ -509,7 +509,7 @@ def scale_run(plan, *, empty_url: str, prunes: dict | None = None) -> dict:
         results["admin_urls"] = pages["filters"]
     with part("at 0"):
         results["at_0"] = scale_point(pages=pages, repeat=plan.repeat, backlog=plan.backlog_events)
-    with part("drain at 0"):
+    with part("drain at 0", optional=True):
         results["drain_at_0"] = drains(plan.drain_events, max_seconds=plan.drain_max_seconds)
     with part("load"):
         storage_at_0 = storage()
@@ -527,36 +527,44 @@ def scale_run(plan, *, empty_url: str, prunes: dict | None = None) -> dict:
         pages["history_customer"] = get_user_model().objects.filter(username__startswith=f"hist-{loaded.salt}-").order_by("pk").first()
         results["history_customer_orders"] = pages["history_customer"].orders.count()
         results["at_n"] = scale_point(pages=pages, repeat=plan.repeat, backlog=plan.backlog_events)
-    with part("drain at N"):
+    with part("drain at N", optional=True):
         results["drain_at_n"] = drains(plan.drain_events, max_seconds=plan.drain_max_seconds)
-    with part("throughput"):
+    with part("throughput", optional=True):
         connection.close()  # the rounds' processes have the database to themselves
         results["throughput"] = throughput_alternated(
             empty_url=empty_url, loaded_url=os.environ["DATABASE_URL"], sagas=plan.throughput_sagas, warmup=plan.warmup_sagas,
             pairs=plan.throughput_pairs,
         )
-    with part("keys"):
+    with part("keys", optional=True):
         results["keys"] = keys_compare(sagas=plan.key_sagas, pairs=plan.key_pairs)
-    with part("retention"):
+    with part("retention", optional=True):
         results["retention"] = retention_measure(sagas=plan.retention_sagas, prunes=prunes, repeat=plan.repeat)
     part.close()
     return results
 
 
 class _Parts:
-    """`with part(name):` times one part of the run into results["part_seconds"], under a progress bar."""
+    """`with part(name):` times one part of the run into results["part_seconds"], under a progress
+    bar. A part nothing after it needs (`optional`) that fails is recorded in results["failed"] and
+    the run goes on: half an hour of measurements is not lost to one of them."""
 
     def __init__(self, results: dict, *, total: int):
         from tqdm import tqdm
 
         self.seconds = results.setdefault("part_seconds", {})
+        self.failed = results.setdefault("failed", {})
         self.bar = tqdm(total=total, desc="bench-history", unit="part", position=0)
 
     @contextmanager
-    def __call__(self, name: str):
+    def __call__(self, name: str, *, optional: bool = False):
         self.bar.set_postfix_str(name)
         started = time.monotonic()
-        yield
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - recorded in the report, which says the run is incomplete
+            if not optional:
+                raise
+            self.failed[name] = f"{type(exc).__name__}: {exc}"[:3000]
         self.seconds[name] = round(time.monotonic() - started, 1)
         self.bar.update()
 

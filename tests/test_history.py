@@ -30,6 +30,7 @@ from perf.history import history_load
 from perf.history_bench import HISTORY_TABLES, explain, plan_cell, superuser
 from perf.history_bench import markdown as history_markdown
 from perf.history_scale import (
+    _Parts,
     UUID7_SQL,
     admin_filters,
     backlog_claims,
@@ -436,6 +437,32 @@ def test_the_scale_report_judges_each_item_against_its_target_at_n_with_its_figu
     assert "| **total** | 1,000 | 1.0 | 0.5 | **1.5** |" in text
     assert "Time-ordered / random, pair by pair: **1.111x**" in text
     assert text.count("**NO**") == len([v for v in results["verdicts"] if not v["met"]])
+
+
+def test_a_part_that_failed_is_named_at_the_top_of_the_report_and_its_figures_left_out():
+    results = scale_results(failed={"throughput": "RuntimeError: orchestrated: settled: only 29 of 30 finished in 600s\nmore"})
+    del results["throughput"]
+    results["verdicts"] = bench_history.verdicts(results)
+
+    text = bench_history.markdown(results, command="make bench-history", machine_line="Machine: test.")
+
+    assert '**Incomplete: the part "throughput" failed, its figures are missing:** `RuntimeError: orchestrated: settled:' in text
+    assert "## Throughput, alternated" not in text
+    assert "throughput_ratio" not in {v["target"] for v in results["verdicts"]}
+
+
+def test_an_optional_part_that_fails_is_recorded_and_the_run_goes_on_but_not_a_needed_one():
+    results = {}
+    part = _Parts(results, total=2)
+
+    with part("keys", optional=True):
+        raise RuntimeError("the worker did not answer")
+    with pytest.raises(RuntimeError), part("load"):
+        raise RuntimeError("out of disk")
+    part.close()
+
+    assert results["failed"] == {"keys": "RuntimeError: the worker did not answer"}
+    assert set(results["part_seconds"]) == {"keys"}
 
 
 def test_the_retention_target_compares_the_pruned_tables_rows_with_those_before_the_old_history():
