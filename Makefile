@@ -70,7 +70,7 @@ bench-quick: install
 # jobs, /api/health/, every admin list, filter and search, the order API, a 100,000-event drain,
 # throughput (alternated with a twin database whose log is empty), storage per million sagas, keys
 # and retention, at 0 and at 1M side by side (report in docs/benchmarks/history.md, exit 1 when a
-# target is missed). About half an hour on 2 cores; e.g. BENCH_HISTORY_ARGS="--history 100000".
+# target is missed). About 20 minutes on 2 cores; e.g. BENCH_HISTORY_ARGS="--history 100000".
 bench-history: install
 	$(PY) -m perf.bench_history $(BENCH_HISTORY_ARGS)
 

@@ -2,7 +2,7 @@
 pages around it cost with an empty saga log and with a million finished sagas, side by side in one
 run, judged against the issue's targets.
 
-    python -m perf.bench_history                  # 1,000,000 sagas: about half an hour on 2 cores
+    python -m perf.bench_history                  # 1,000,000 sagas: about 20 minutes on 2 cores
     python -m perf.bench_history --short          # 20,000 sagas in a few minutes (figures are noisier)
     python -m perf.bench_history --history 100000
 
