@@ -15,6 +15,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from datetime import timedelta
 
 from django.conf import settings
@@ -46,7 +47,7 @@ def history_phase(plan, owner, products, *, repeat: int = 5) -> dict:
 
     size = plan.history
     throughput_sagas = max(50, plan.sagas // 4)
-    staff = _superuser()
+    staff = superuser()
     results: dict = {"sagas": size, "repeat": repeat, "throughput_sagas": throughput_sagas, "web_deadline_s": settings.WEB_DB_DEADLINE}
     with CeleryWorker(concurrency=HEADLINE_CONCURRENCY, include=["perf.baseline"], env=subprocess_environment()) as worker:
 
@@ -69,7 +70,7 @@ def history_phase(plan, owner, products, *, repeat: int = 5) -> dict:
     return results
 
 
-def _superuser():
+def superuser():
     user, _ = get_user_model().objects.get_or_create(username="bench-admin", defaults={"is_staff": True, "is_superuser": True})
     return user
 
@@ -77,26 +78,35 @@ def _superuser():
 # --- one measuring point --------------------------------------------------------------------------
 
 
-def measure_point(*, staff, customer, history_customer, repeat: int) -> dict:
-    """{query: {"ms": median, "runs": [...], "plan": how the history tables were read, ...}} for
-    every hot path; None for one that cannot be measured at this point."""
+def measure_point(*, staff, customer, history_customer, repeat: int, extra: dict | None = None, admin: dict | None = None) -> dict:
+    """{query: {"ms": median, "runs": [...], "queries": statements sent, "plan": how the history
+    tables were read, ...}} for every hot path; None for one that cannot be measured at this point.
+    `extra`: more checks (name: a function returning such a dict); `admin`: the admin pages to
+    time instead of the saga and order lists and searches (name: path)."""
     from sagas import consumers, relay, services
     from sagas.publishers import RedisStreamPublisher
     from sagas.versions import versions_in_use
 
     now = timezone.now
-    admin, bench_customer = _client(staff), _client(customer)
-    old_customer = _client(history_customer) if history_customer else None
-    some_saga, some_order = _latest("sagas_sagainstance"), _latest("orders_order")
+    admin_client, bench_customer = client_for(staff), client_for(customer)
+    old_customer = client_for(history_customer) if history_customer else None
     redeliver = lambda: consumers.consumers_redeliver(  # noqa: E731 - as the beat task calls it
         now=now(), min_age=timedelta(seconds=settings.CONSUMER_REDELIVER_AFTER),
         window=timedelta(hours=settings.CONSUMER_REDELIVER_WINDOW_HOURS),
     )
     measure = lambda fn, explain=True: lambda: timed(fn, repeat=repeat, explain=explain)  # noqa: E731
+    if admin is None:
+        some_saga, some_order = _latest("sagas_sagainstance"), _latest("orders_order")
+        admin = {
+            "admin: saga list": "/admin/sagas/sagainstance/",
+            "admin: saga search by id": f"/admin/sagas/sagainstance/?q={some_saga}",
+            "admin: order list": "/admin/orders/order/",
+            "admin: order search by id": f"/admin/orders/order/?q={some_order}",
+        }
     checks: dict[str, Callable[[], dict] | None] = {
         # the engine
         "sweeper, nothing to do": measure(lambda: services.saga_sweep(now=now())),
-        "relay claim, nothing waiting": measure(_relay_claim),
+        "relay claim, nothing waiting": measure(relay_claim),
         f"relay, {RELAY_BATCH} events waiting": lambda: _relay_batch(RedisStreamPublisher(), repeat),
         "step run in process, per step": lambda: _step_run(customer, repeat),
         "consumers redelivery sweep": measure(redeliver),
@@ -104,25 +114,29 @@ def measure_point(*, staff, customer, history_customer, repeat: int) -> dict:
         "health: database facts": measure(_health_database_facts),
         "system check: versions in use": measure(versions_in_use),
         # the web
-        "GET /api/health/ (staff)": measure(lambda: _get(admin, "/api/health/"), explain=False),  # its queries run in threads
-        "GET /api/orders/ (bench customer)": measure(lambda: _get(bench_customer, "/api/orders/")),
-        "GET /api/orders/ (a history customer)": measure(lambda: _get(old_customer, "/api/orders/")) if old_customer else None,
-        "admin: saga list": measure(lambda: _get(admin, "/admin/sagas/sagainstance/")),
-        "admin: saga search by id": measure(lambda: _get(admin, f"/admin/sagas/sagainstance/?q={some_saga}")),
-        "admin: order list": measure(lambda: _get(admin, "/admin/orders/order/")),
-        "admin: order search by id": measure(lambda: _get(admin, f"/admin/orders/order/?q={some_order}")),
+        "GET /api/health/ (staff)": measure(lambda: get_page(admin_client, "/api/health/"), explain=False),  # its queries run in threads
+        "GET /api/orders/ (bench customer)": measure(lambda: get_page(bench_customer, "/api/orders/")),
+        "GET /api/orders/ (a history customer)": measure(lambda: get_page(old_customer, "/api/orders/")) if old_customer else None,
+        **{name: measure(lambda path=path: get_page(admin_client, path)) if path else None for name, path in admin.items()},
+        **(extra or {}),
     }
-    # The admin's pages name their static files; without collectstatic's manifest, plainly. And a
-    # page is timed to its end: the report marks those past the request deadline (a 503 in production).
-    plain_static = {**settings.STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
-    with override_settings(STORAGES=plain_static, WEB_DB_DEADLINE=600), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="No directory at")  # whitenoise, for the same reason
+    with web_settings():
         return {name: check() if check else None for name, check in checks.items()}
 
 
+@contextmanager
+def web_settings():
+    """The admin's pages name their static files; without collectstatic's manifest, plainly. And a
+    page is timed to its end: the report marks those past the request deadline (a 503 in production)."""
+    plain_static = {**settings.STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
+    with override_settings(STORAGES=plain_static, WEB_DB_DEADLINE=600), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No directory at")  # whitenoise, for the same reason
+        yield
+
+
 def timed(fn: Callable[[], object], *, repeat: int, explain: bool) -> dict:
-    """The median of `repeat` runs of `fn` (after one unmeasured run that warms caches), in ms, and
-    the plans of the statements the last run sent."""
+    """The median of `repeat` runs of `fn` (after one unmeasured run that warms caches), in ms, how
+    many statements the last run sent on this thread's connection, and their plans."""
     fn()
     runs = []
     for n in range(repeat):
@@ -132,7 +146,7 @@ def timed(fn: Callable[[], object], *, repeat: int, explain: bool) -> dict:
             runs.append((time.perf_counter() - started) * 1000)
         if runs[-1] > 2000 and n >= 2:
             break  # slow enough that three runs say it
-    result = {"ms": round(statistics.median(runs), 2), "runs": [round(r, 2) for r in runs]}
+    result = {"ms": round(statistics.median(runs), 2), "runs": [round(r, 2) for r in runs], "queries": len(captured.captured_queries)}
     if explain:
         result.update(_plans(explain_all([q["sql"] for q in captured.captured_queries])))
     return result
@@ -143,13 +157,13 @@ def _plans(plans: list[dict]) -> dict:
     return {"_plans": plans, "plan": plan_cell(plans), "seq_scans": seq_scans_of_history(plans)}
 
 
-def _get(client: Client, path: str) -> None:
+def get_page(client: Client, path: str) -> None:
     response = client.get(path, secure=True)
     if response.status_code != 200:
         raise RuntimeError(f"GET {path} answered {response.status_code}")
 
 
-def _client(user) -> Client:
+def client_for(user) -> Client:
     client = Client(HTTP_HOST="127.0.0.1")
     client.force_login(user)
     return client
@@ -162,7 +176,7 @@ def _latest(table: str) -> str | None:
     return str(row[0]) if row else None
 
 
-def _relay_claim() -> None:
+def relay_claim() -> None:
     from sagas.relay import claimable
 
     with transaction.atomic():

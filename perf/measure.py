@@ -416,9 +416,11 @@ def _stream_reader(url: str, stream: str, total: int, timeout: float, out) -> No
     out.put(seen)
 
 
-def relay_drain(count: int) -> dict:
+def relay_drain(count: int, *, analyze: bool = True, max_seconds: float | None = None) -> dict:
     """A backlog of `count` events (5 per aggregate, like an order's) drained by one relay
-    process publishing to Redis Streams."""
+    process publishing to Redis Streams. With `analyze`, the planner's statistics are brought up
+    to date first; with `max_seconds`, the relay is stopped then ("stopped": True), and the rate is
+    what it published meanwhile."""
     OutboxEvent.objects.filter(published_at__isnull=True).update(published_at=timezone.now())
     now = timezone.now()
     aggregates = max(1, count // 5)
@@ -429,10 +431,11 @@ def relay_drain(count: int) -> dict:
                 for n in range(chunk, min(count, chunk + 5000))
             )
             bar.update(min(5000, count - chunk))
-    with connection.cursor() as cursor:
-        cursor.execute("ANALYZE sagas_outboxevent")
+    if analyze:
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE sagas_outboxevent")
     publisher = RedisStreamPublisher()
-    published = 0
+    published, stopped = 0, False
     started = time.monotonic()
     with tqdm(total=count, desc="drain: relaying", leave=False, position=1) as bar:
         while published < count:
@@ -441,8 +444,12 @@ def relay_drain(count: int) -> dict:
             bar.update(result.published)
             if result.published == 0:
                 break
+            if max_seconds is not None and time.monotonic() - started > max_seconds:
+                stopped = True
+                break
     wall = time.monotonic() - started
-    return {"events": count, "published": published, "wall_s": round(wall, 2), "per_s": round(published / wall, 1), "batch_size": settings.OUTBOX_BATCH_SIZE}
+    return {"events": count, "published": published, "wall_s": round(wall, 2), "per_s": round(published / wall, 1),
+            "batch_size": settings.OUTBOX_BATCH_SIZE, "analyzed": analyze, "stopped": stopped}
 
 
 # --- API ------------------------------------------------------------------------------------------
