@@ -92,7 +92,7 @@ def test_an_event_type_the_consumer_did_not_subscribe_to_is_not_handled():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_an_event_whose_delivery_was_lost_is_delivered_again_by_the_sweep(saga_worker):
+def test_an_event_whose_delivery_was_lost_is_delivered_again_by_the_sweep(saga_worker, settings):
     import time
     from datetime import timedelta
 
@@ -101,6 +101,9 @@ def test_an_event_whose_delivery_was_lost_is_delivered_again_by_the_sweep(saga_w
     from sagas.consumers import consumers_redeliver
     from sagas.models import OutboxEvent
 
+    # No relay kicked by the commits: one on the worker could publish the event (and its consumer
+    # handle it) before the sweep runs, which would leave the sweep nothing to redeliver.
+    settings.OUTBOX_RELAY_KICK = False
     lost = an_event()  # published, but its consumer task never arrived (e.g. the broker was flushed)
     OutboxEvent.objects.filter(pk=lost.pk).update(published_at=timezone.now() - timedelta(minutes=5))
     handled_meanwhile = an_event()
@@ -243,9 +246,10 @@ def test_a_handler_runs_without_savepoints_unless_it_asks_for_them():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_an_event_no_in_process_consumer_was_sent_is_consumed_as_it_is_published():
+def test_an_event_no_in_process_consumer_was_sent_is_consumed_as_it_is_published(settings):
     from sagas.relay import outbox_relay
 
+    settings.OUTBOX_RELAY_KICK = False  # this test relays itself
     with transaction.atomic():
         wanted = outbox_emit(aggregate_type="thing", aggregate_id=uuid.uuid4(), event_type="THING_HAPPENED", payload={})
         unwanted = outbox_emit(aggregate_type="thing", aggregate_id=uuid.uuid4(), event_type="NOBODY_WANTS_THIS", payload={})
@@ -277,9 +281,10 @@ def test_an_event_past_the_redelivery_window_is_no_longer_watched_nor_sent():
 
 @pytest.mark.services(reason="counts the rows PostgreSQL reads (EXPLAIN ANALYZE)")
 @pytest.mark.django_db(transaction=True)
-def test_the_redelivery_sweep_reads_the_events_it_still_watches_not_every_event_of_its_window():
+def test_the_redelivery_sweep_reads_the_events_it_still_watches_not_every_event_of_its_window(settings):
     from tests.scan_helpers import rows_read
 
+    settings.OUTBOX_RELAY_KICK = False  # no relay runs here
     with transaction.atomic():
         handled = [outbox_emit(aggregate_type="thing", aggregate_id=uuid.uuid4(), event_type="THING_HAPPENED", payload={}) for _ in range(600)]
     for event in handled:
