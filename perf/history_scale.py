@@ -125,6 +125,7 @@ def beat_task(name: str) -> Callable[[], object]:
     from celery import current_app
 
     entry = next(e for e in settings.CELERY_BEAT_SCHEDULE.values() if e["task"] == name)
+    current_app.loader.import_default_modules()  # every app's tasks module, as a worker imports them
     task = current_app.tasks[name]
     return lambda: task(*entry.get("args", ()), **entry.get("kwargs", {}))
 
@@ -458,7 +459,11 @@ def beat_prunes() -> dict[str, Callable[[], object]]:
 
 
 def _did_something(result) -> bool:
-    """A pruning run's result: a count, a dict of counts, or None (then once is enough)."""
+    """A pruning run's result: a count, a dict of counts, a run's record (sagas.retention.PruneRun:
+    `deleted`), or None (then once is enough)."""
+    deleted = getattr(result, "deleted", None)
+    if isinstance(deleted, int):
+        return deleted > 0
     if isinstance(result, dict):
         return any(_did_something(v) for v in result.values())
     if isinstance(result, (list, tuple)):

@@ -123,6 +123,9 @@ def test_the_system_check_and_the_versions_command_accept_the_history(history):
 def test_the_sweeper_the_relay_and_the_redelivery_sweep_leave_the_history_alone(history):
     later = timezone.now() + timedelta(days=30)  # past every step timeout and deadline
 
+    assert not OutboxEvent.objects.filter(published_at__isnull=False, consumed_at__isnull=True).exists(), (
+        "a finished history's events are consumed: the redelivery sweep has nothing of it to watch"
+    )
     assert saga_sweep(now=later) == {"overdue": 0, "redriven": 0}
     assert list(relay.claimable(later)) == []
     assert consumers.consumers_redeliver(now=timezone.now(), min_age=timedelta(0), window=timedelta(days=30)) == 0
