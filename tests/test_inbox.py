@@ -5,7 +5,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 
@@ -293,6 +293,11 @@ def test_the_redelivery_sweep_reads_the_events_it_still_watches_not_every_event_
     now = timezone.now()
     OutboxEvent.objects.update(published_at=now - timedelta(minutes=10))
     assert consumers_redeliver(now=now, min_age=timedelta(seconds=60), window=timedelta(hours=1)) == 1  # finds the handled ones
+    if connection.vendor == "postgresql":
+        # Statistics as autovacuum keeps them for a live table, not those an earlier test left
+        # (test_history's big load): with those the planner may read the table whole.
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE sagas_outboxevent")
 
     read = rows_read(lambda: consumers_redeliver(now=now, min_age=timedelta(seconds=60), window=timedelta(hours=1)), "sagas_outboxevent")
 
