@@ -210,16 +210,18 @@ def outbox_cleanup() -> int:
 @shared_task(base=EngineTask, name="sagas.prune_sagas", acks_late=True, ignore_result=True, **INFRASTRUCTURE_RETRY)
 def prune_sagas() -> int:
     """Settled sagas past SAGAS_RETENTION_DAYS (0: kept forever), with their steps."""
-    return _prune("sagas.prune_sagas", retention.sagas_prune, settings.SAGAS_RETENTION_DAYS)
+    return prune_task_run("sagas.prune_sagas", retention.sagas_prune, settings.SAGAS_RETENTION_DAYS)
 
 
 @shared_task(base=EngineTask, name="sagas.prune_inbox", acks_late=True, ignore_result=True, **INFRASTRUCTURE_RETRY)
 def prune_inbox() -> int:
     """Inbox rows and delivery counts past SAGAS_INBOX_RETENTION_DAYS (0: kept forever)."""
-    return _prune("sagas.prune_inbox", retention.inbox_prune, settings.SAGAS_INBOX_RETENTION_DAYS)
+    return prune_task_run("sagas.prune_inbox", retention.inbox_prune, settings.SAGAS_INBOX_RETENTION_DAYS)
 
 
-def _prune(task: str, prune, days: float) -> int:
+def prune_task_run(task: str, prune, days: float) -> int:
+    """One beat run of a retention task: `prune(now=, retention=)` unless `days` is 0, recorded for
+    health (HousekeepingRun). The domain apps' prune tasks use it too."""
     period = retention.retention_period(days)
     if period is None:
         return 0
