@@ -80,15 +80,15 @@ def database_facts(*, now) -> dict:
     index and reads only what is live (active or FAILED sagas, waiting events, the last minute
     or day), so a health check costs the same however long the history."""
     from sagas.heartbeat import workers_live
-    from sagas.models import ACTIVE_STATES, HousekeepingRun, ParkedDelivery, RejectedMessage, SagaInstance, SagaState
-    from sagas.selectors import outbox_stats
+    from sagas.models import HousekeepingRun, ParkedDelivery, RejectedMessage, SagaInstance, SagaState
+    from sagas.selectors import outbox_stats, sagas_stuck
     from sagas.versions import versions_in_use
 
     live = list(workers_live(now=now).values("hostname", "queues", "active", "accepted", "progress_at"))
     missing = {f"{v.name} v{v.version}": v.in_flight for v in versions_in_use() if v.definition is None and v.in_flight}
     return {
         "workers": live,
-        "overdue_sagas": SagaInstance.objects.filter(state__in=ACTIVE_STATES, stuck_after__lt=now).count(),
+        "overdue_sagas": sagas_stuck(now=now).count(),
         "failed_sagas": SagaInstance.objects.filter(state=SagaState.FAILED).count(),
         "sagas_without_definition": missing,
         "outbox": outbox_stats(now=now),

@@ -19,7 +19,8 @@ from django.urls import reverse
 from django.utils import timezone
 
 from sagas.definition import registered
-from sagas.models import ACTIVE_STATES, OutboxEvent, ParkedDelivery, SagaInstance, SagaState
+from sagas.models import OutboxEvent, ParkedDelivery, SagaInstance, SagaState
+from sagas.selectors import sagas_stuck
 from sagas.versions import NEEDS_DEFINITION
 
 
@@ -28,7 +29,7 @@ def _failed(sagas: QuerySet) -> QuerySet:
 
 
 def _stuck(sagas: QuerySet) -> QuerySet:
-    return sagas.filter(state__in=ACTIVE_STATES, stuck_after__lt=timezone.now())
+    return sagas_stuck(now=timezone.now(), sagas=sagas)
 
 
 def _without_definition(sagas: QuerySet) -> QuerySet:

@@ -142,8 +142,7 @@ class DatabaseCollector:
         yield from gauges
 
     def _gauges(self):
-        from sagas.models import ACTIVE_STATES, SagaInstance
-        from sagas.selectors import outbox_stats
+        from sagas.selectors import outbox_stats, sagas_stuck
         from sagas.versions import versions_in_use
 
         now = timezone.now()
@@ -158,7 +157,7 @@ class DatabaseCollector:
                 missing.add_metric([use.name, str(use.version)], use.in_flight + use.failed)
         yield sagas
         yield missing
-        stuck = SagaInstance.objects.filter(state__in=ACTIVE_STATES, stuck_after__lt=now).count()
+        stuck = sagas_stuck(now=now).count()
         yield GaugeMetricFamily(f"{NAMESPACE}_sagas_stuck", "Sagas in flight that made no progress within their step timeout", value=stuck)
         outbox = outbox_stats(now=now)
         yield GaugeMetricFamily(f"{NAMESPACE}_outbox_backlog", "Committed outbox events not published yet (dead letters apart)", value=outbox["backlog"])
